@@ -1,0 +1,27 @@
+"""Shared test setup: 8 fake CPU devices (sharding tests), float32 matmuls, fixture paths."""
+
+import os
+
+# Must happen before JAX initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vfusion3d_reference"
+if not FIXTURE_DIR.exists():  # a checkout with shared/ inside it
+    FIXTURE_DIR = Path(__file__).resolve().parents[1] / "shared" / "fixtures" / "vfusion3d_reference"
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The official VFusion3D reference arrays (see shared/fixtures/vfusion3d_reference/README.md)."""
+    if not FIXTURE_DIR.exists():
+        pytest.fail(f"reference fixture not found at {FIXTURE_DIR}")
+    return dict(np.load(FIXTURE_DIR / "reference.npz"))

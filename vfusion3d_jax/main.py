@@ -1,0 +1,46 @@
+"""The one command line.
+
+    python -m vfusion3d_jax <command> --config=configs/<file>.py:<variant> --workdir=DIR
+
+Config overrides follow the config flag: `--config.render.resolution=64`; a key the
+config does not have is an error. Each command lives in its own module and is
+imported only when it runs, so `--help` and small commands start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# command -> (module, function, one-line help). Every function takes (config, workdir, args).
+COMMANDS = {
+    "demo": ("vfusion3d_jax.demo", "run_demo", "the whole system on embedded defaults"),
+    "render-data": ("vfusion3d_jax.data.render_assets", "render_dataset", "render 3D assets into orbit TFRecords"),
+    "inspect-data": ("vfusion3d_jax.data.inspect", "inspect_dataset", "statistics and a contact sheet of TFRecords"),
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file `path.py:variant`.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the command.")
+
+
+def _usage() -> str:
+    lines = ["usage: python -m vfusion3d_jax <command> [--config=FILE.py:VARIANT] [--workdir=DIR]", "commands:"]
+    lines += [f"  {name:14s} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        given = f"unknown command {argv[1]!r}\n" if len(argv) >= 2 else ""
+        raise app.UsageError(given + _usage())
+    module_name, function_name, _ = COMMANDS[argv[1]]
+    command = getattr(importlib.import_module(module_name), function_name)
+    logging.info("running %s", argv[1])
+    command(_CONFIG.value, _WORKDIR.value, argv[2:])
+
+
+def run() -> None:
+    app.run(main, argv=sys.argv)
