@@ -1,0 +1,88 @@
+"""Config pieces shared by the experiment configs.
+
+`input_config()` holds the defaults of the Grain input pipeline
+(`vfusion3d_jax.data.pipeline.make_iterator`); experiment configs put it at `config.data` and
+override fields, and so can the command line:
+
+    python -m vfusion3d_jax train --config=configs/lrm.py:tiny \
+        --config.data.mixture.synthetic.glob='/data/synthetic/train-*.tfrecord' \
+        --config.data.mixture.synthetic.weight=9 --config.data.quality_min=0.5
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def mixture_component(weight: float = 1.0, source: str | None = None) -> ml_collections.ConfigDict:
+    """One dataset of the mixture: its shards, its sampling weight and an optional source filter."""
+    return ml_collections.ConfigDict(dict(
+        # Shards of this dataset: a glob, or several separated by commas. Unset = component unused.
+        glob=config_dict.placeholder(str),
+        # Relative sampling weight; the weights hold for the examples that pass the filters.
+        # 0 = component unused.
+        weight=weight,
+        # Keep only records whose object/source is this ('rendered' or 'synthetic'); None = any.
+        source=config_dict.placeholder(str) if source is None else source,
+    ))
+
+
+def input_config() -> ml_collections.ConfigDict:
+    """Defaults of the orbit input pipeline; every field documented inline."""
+    config = ml_collections.ConfigDict()
+    # Named datasets mixed by weight. Components with no glob or weight 0 are left out, so the
+    # command line can switch either on without adding keys to a locked config.
+    config.mixture = ml_collections.ConfigDict(dict(
+        rendered=mixture_component(weight=1.0),
+        synthetic=mixture_component(weight=1.0),
+    ))
+    # Seeds the global shuffle (reshuffled each epoch) and every per-example choice (views, sizes,
+    # crops); the same seed gives the same batches on any number of hosts.
+    config.seed = 0
+    # Global batch size; each of the shard_count hosts gets batch_size // shard_count per step.
+    config.batch_size = 8
+    # Passes over each dataset; None = repeat forever (training). With several datasets the
+    # iterator ends when the first runs out.
+    config.num_epochs = config_dict.placeholder(int)
+    # Drop a last partial batch (keeps shapes static for jit; turn off only for exact evaluation).
+    config.drop_remainder = True
+
+    # Views per example: one source view (the encoder input) and num_target_views supervision views.
+    config.num_target_views = 4
+    # VFusion3D/OpenLRM supervise on the source view plus 3 others: the source view is target 0.
+    config.include_source_in_targets = True
+    # Express every camera in the frame where the source camera has the official canonical pose
+    # (cameras.CANONICAL_SOURCE_CAM2WORLD's rotation, at the source view's own distance), as the
+    # official inferrer assumes; False keeps the cameras of the record.
+    config.canonicalize_cameras = True
+    # Side of the square source image given to the encoder (official: 512).
+    config.source_resolution = 512
+    # Side of the square full render of the target views (the supervision images).
+    config.target_resolution = 128
+    # (min, max) side of the full render, drawn per example (both ends included); requires
+    # patch_size. None = always target_resolution.
+    config.target_resize_range = config_dict.placeholder(tuple)
+    # Side of the random square patch of each target view to supervise; None = the full image.
+    config.patch_size = config_dict.placeholder(int)
+
+    # Metadata filters, applied per record before any image is decoded.
+    # Keep records with meta/quality >= quality_min; None = no quality filter.
+    config.quality_min = config_dict.placeholder(float)
+    # What quality_min does to records of unknown (NaN) quality, e.g. rendered assets.
+    config.keep_unknown_quality = True
+    # Keep records with meta/elevation_deg in [min, max]; None = any elevation.
+    config.elevation_range_deg = config_dict.placeholder(tuple)
+
+    # Drop records whose frame or CRC is corrupt (batches count them in `corrupt_skipped`)
+    # instead of raising CorruptRecordError.
+    config.skip_corrupt = False
+    # Grain worker processes; 0 = everything in this process (threads only).
+    config.worker_count = 0
+    # Batches each worker process prepares ahead.
+    config.worker_buffer_size = 2
+    # Threads reading and decoding records, per dataset and per process.
+    config.read_threads = 8
+    # Examples read ahead, per dataset and per process.
+    config.read_buffer_size = 32
+    return config

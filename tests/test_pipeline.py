@@ -1,0 +1,272 @@
+"""The Grain orbit pipeline on real TFRecord shards of small synthetic orbits."""
+
+import importlib.util
+import math
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from vfusion3d_jax import cameras
+from vfusion3d_jax.configs import CONFIG_DIR
+from vfusion3d_jax.data import example, pipeline, tfrecord
+
+_spec = importlib.util.spec_from_file_location("common_config", CONFIG_DIR / "common.py")
+common_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common_config)
+
+NUM_VIEWS, RESOLUTION = 8, 16
+
+
+def _write_orbits(directory, name, *, num_shards=3, per_shard=8, source="rendered", qualities=None, seed=0):
+    """Writes shards `name-*.tfrecord`; returns (glob, orbits in source-record order)."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(exist_ok=True)
+    orbits = []
+    for shard in range(num_shards):
+        with tfrecord.TFRecordWriter(directory / f"{name}-{shard:02d}.tfrecord") as writer:
+            for _ in range(per_shard):
+                quality = math.nan if qualities is None else qualities[len(orbits)]
+                orbit = example.random_orbit(rng, num_views=NUM_VIEWS, resolution=RESOLUTION, source=source,
+                                             quality=quality)
+                writer.write(example.encode_orbit(**orbit))
+                orbits.append(orbit)
+    return str(directory / f"{name}-*.tfrecord"), orbits
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    return _write_orbits(tmp_path_factory.mktemp("rendered"), "rendered")
+
+
+def _config(glob, **overrides):
+    config = common_config.input_config()
+    config.mixture.rendered.glob = glob
+    config.update(dict(batch_size=4, source_resolution=RESOLUTION, target_resolution=RESOLUTION,
+                       num_target_views=3, read_threads=2, read_buffer_size=8))
+    config.update(overrides)
+    return config
+
+
+def _take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def _concat(batches, key):
+    return np.concatenate([batch[key] for batch in batches])
+
+
+def test_batch_shapes_and_ranges(rendered):
+    glob, _ = rendered
+    batch = next(pipeline.make_iterator(_config(glob), shard_index=0, shard_count=1))
+    assert batch["source_image"].shape == (4, 16, 16, 3) and batch["source_image"].dtype == np.float32
+    assert batch["source_camera"].shape == (4, 16)
+    assert batch["target_images"].shape == (4, 3, 16, 16, 3) and batch["target_masks"].shape == (4, 3, 16, 16, 1)
+    assert batch["target_cameras"].shape == (4, 3, 25) and batch["target_patch_cameras"].shape == (4, 3, 25)
+    for key in ("source_image", "target_images", "target_masks"):
+        assert batch[key].min() >= 0.0 and batch[key].max() <= 1.0
+    # Background (alpha 0) is white; the mask marks the foreground disc.
+    background = batch["target_masks"][..., 0] == 0
+    assert background.any() and (~background).any()
+    np.testing.assert_array_equal(batch["target_images"][background], 1.0)
+    np.testing.assert_array_equal(batch["is_synthetic"], 0.0)
+
+
+def test_every_record_once_per_epoch_in_shuffled_order(rendered):
+    glob, orbits = rendered
+    config = _config(glob, num_epochs=2, drop_remainder=False)
+    records = _concat(list(pipeline.make_iterator(config, shard_index=0, shard_count=1)), "record_index")
+    first, second = records[:len(orbits)], records[len(orbits):]
+    assert sorted(first) == sorted(second) == list(range(len(orbits)))
+    assert list(first) != sorted(first) and list(first) != list(second)
+
+
+def test_views_follow_the_config_and_cameras_are_canonical(rendered):
+    glob, orbits = rendered
+    batches = list(pipeline.make_iterator(_config(glob, num_epochs=1), shard_index=0, shard_count=1))
+    sources, targets = _concat(batches, "source_view_index"), _concat(batches, "target_view_indices")
+    np.testing.assert_array_equal(targets[:, 0], sources)
+    assert all(len(set(views)) == 3 for views in targets)
+    canonical = cameras.CANONICAL_SOURCE_CAM2WORLD[:3, :3].reshape(-1)
+    source_cameras = _concat(batches, "source_camera").reshape(-1, 16)
+    np.testing.assert_allclose(source_cameras[:, [0, 1, 2, 4, 5, 6, 8, 9, 10]], np.tile(canonical, (len(sources), 1)),
+                               atol=1e-5)
+    np.testing.assert_allclose(source_cameras[:, [3, 7, 11]], np.tile([2.0, 0.0, 0.0], (len(sources), 1)), atol=1e-5)
+    # The target cameras moved with the source camera: relative poses are those of the record.
+    batch = batches[0]
+    for n in range(len(batch["record_index"])):
+        orbit = orbits[batch["record_index"][n]]
+        stored = orbit["cam2world"][batch["target_view_indices"][n]]
+        moved, _ = cameras.split_render_camera(batch["target_cameras"][n])
+        np.testing.assert_allclose(np.linalg.inv(moved[0]) @ moved, np.linalg.inv(stored[0]) @ stored, atol=1e-5)
+
+    config = _config(glob, num_epochs=1, include_source_in_targets=False, canonicalize_cameras=False)
+    batches = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+    for source, views in zip(_concat(batches, "source_view_index"), _concat(batches, "target_view_indices")):
+        assert source not in views and len(set(views)) == 3
+
+
+def test_resume_from_state_gives_the_same_batches(tmp_path, rendered):
+    glob, _ = rendered
+    synthetic_glob, _ = _write_orbits(tmp_path, "synthetic", source="synthetic", seed=1)
+    config = _config(glob, patch_size=8, target_resize_range=(10, 16), batch_size=3)
+    config.mixture.synthetic.glob = synthetic_glob
+    original = pipeline.make_iterator(config, shard_index=0, shard_count=1)
+    _take(original, 5)
+    state = original.get_state()
+    expected = _take(original, 12)  # past the end of the first epoch
+    resumed = pipeline.make_iterator(config, shard_index=0, shard_count=1)
+    resumed.set_state(state)
+    for want, got in zip(expected, _take(resumed, 12)):
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_hosts_get_disjoint_complete_shards_of_the_single_host_stream(rendered):
+    glob, orbits = rendered
+    config = _config(glob, num_epochs=1, drop_remainder=False, batch_size=3)
+    single = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+    by_record = {int(r): v for r, v in zip(_concat(single, "record_index"), _concat(single, "target_view_indices"))}
+    seen = []
+    for host in range(3):
+        batches = list(pipeline.make_iterator(config, shard_index=host, shard_count=3))
+        assert all(len(batch["record_index"]) == 1 for batch in batches)  # batch_size is global
+        for record, views in zip(_concat(batches, "record_index"), _concat(batches, "target_view_indices")):
+            np.testing.assert_array_equal(views, by_record[int(record)])  # same views whatever the host count
+            seen.append(int(record))
+    assert sorted(seen) == list(range(len(orbits)))
+
+
+def test_mixture_weights_hold_after_filtering(tmp_path, rendered):
+    glob, _ = rendered
+    qualities = np.random.default_rng(2).uniform(0.0, 1.0, 48)
+    synthetic_glob, _ = _write_orbits(tmp_path, "synthetic", source="synthetic", num_shards=2, per_shard=24,
+                                      qualities=qualities, seed=3)
+    config = _config(glob, quality_min=0.5, batch_size=8)
+    config.mixture.synthetic.glob = synthetic_glob
+    config.mixture.rendered.weight, config.mixture.synthetic.weight = 3.0, 1.0
+    batches = _take(pipeline.make_iterator(config, shard_index=0, shard_count=1), 20)
+    is_synthetic = _concat(batches, "is_synthetic")
+    assert abs(is_synthetic.mean() - 0.25) < 0.03
+    np.testing.assert_array_equal(_concat(batches, "dataset_index"), is_synthetic)  # names sort: rendered, synthetic
+    synthetic_records = _concat(batches, "record_index")[is_synthetic == 1]
+    assert np.all(qualities[synthetic_records] >= 0.5)
+
+
+def test_quality_filter_and_unknown_quality_choice(tmp_path):
+    qualities = np.array([0.9, 0.1, math.nan, 0.5, 0.49, math.nan, 0.7, 0.2])
+    glob, _ = _write_orbits(tmp_path, "scored", num_shards=2, per_shard=4, qualities=qualities, source="synthetic")
+    for keep_unknown, expected in ((True, [0, 2, 3, 5, 6]), (False, [0, 3, 6])):
+        config = _config(glob, num_epochs=1, drop_remainder=False, quality_min=0.5, keep_unknown_quality=keep_unknown)
+        batches = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+        assert sorted(_concat(batches, "record_index")) == expected
+    config = _config(glob, num_epochs=1, drop_remainder=False)
+    config.mixture.rendered.source = "rendered"  # these records are all synthetic
+    with pytest.raises(StopIteration):
+        next(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+
+
+def test_patches_are_crops_of_the_full_view_with_matching_cameras(rendered):
+    glob, _ = rendered
+    full = next(pipeline.make_iterator(_config(glob), shard_index=0, shard_count=1))
+    patched = next(pipeline.make_iterator(_config(glob, patch_size=8), shard_index=0, shard_count=1))
+    np.testing.assert_array_equal(patched["target_view_indices"], full["target_view_indices"])
+    np.testing.assert_array_equal(patched["target_full_size"], 16)
+    np.testing.assert_array_equal(patched["target_cameras"], full["target_cameras"])
+    offsets = patched["target_crop_offsets"]
+    assert offsets.min() >= 0 and offsets.max() <= 8 and len(np.unique(offsets.reshape(-1, 2), axis=0)) > 1
+    cam2world, intrinsics = cameras.split_render_camera(full["target_cameras"])
+    _, full_rays = cameras.pixel_rays(cam2world, intrinsics, resolution=16)
+    full_rays = np.asarray(full_rays).reshape(4, 3, 16, 16, 3)
+    patch_cam2world, patch_intrinsics = cameras.split_render_camera(patched["target_patch_cameras"])
+    _, patch_rays = cameras.pixel_rays(patch_cam2world, patch_intrinsics, resolution=8)
+    patch_rays = np.asarray(patch_rays).reshape(4, 3, 8, 8, 3)
+    for n in range(4):
+        for k in range(3):
+            top, left = offsets[n, k]
+            window = (slice(top, top + 8), slice(left, left + 8))
+            np.testing.assert_array_equal(patched["target_images"][n, k], full["target_images"][n, k][window])
+            np.testing.assert_array_equal(patched["target_masks"][n, k], full["target_masks"][n, k][window])
+            np.testing.assert_allclose(patch_rays[n, k], full_rays[n, k][window], atol=1e-6)
+
+
+def test_random_resize_crops_match_an_independent_decode(rendered):
+    glob, orbits = rendered
+    config = _config(glob, patch_size=8, target_resize_range=(10, 16), canonicalize_cameras=False, batch_size=8)
+    batches = _take(pipeline.make_iterator(config, shard_index=0, shard_count=1), 3)
+    sizes = _concat(batches, "target_full_size")
+    assert sizes.min() >= 10 and sizes.max() <= 16 and len(set(sizes)) > 1
+    batch = batches[0]
+    for n, record in enumerate(batch["record_index"]):
+        size = int(batch["target_full_size"][n])
+        for k, view in enumerate(batch["target_view_indices"][n]):
+            top, left = batch["target_crop_offsets"][n, k]
+            assert 0 <= top <= size - 8 and 0 <= left <= size - 8
+            resized = Image.fromarray(orbits[record]["images"][view], "RGBA").resize((size, size), Image.Resampling.BICUBIC)
+            rgba = np.asarray(resized)[top:top + 8, left:left + 8].astype(np.float32) / 255.0
+            np.testing.assert_allclose(batch["target_masks"][n, k], rgba[..., 3:], atol=1e-6)
+            np.testing.assert_allclose(batch["target_images"][n, k], rgba[..., :3] * rgba[..., 3:] + 1 - rgba[..., 3:],
+                                       atol=1e-6)
+        np.testing.assert_allclose(batch["target_cameras"][n, :, :16].reshape(-1, 4, 4),
+                                   orbits[record]["cam2world"][batch["target_view_indices"][n]], atol=1e-6)
+
+
+def test_corrupt_record_raises_or_is_skipped_and_counted(tmp_path):
+    glob, orbits = _write_orbits(tmp_path, "damaged", num_shards=2, per_shard=5)
+    config = _config(glob, num_epochs=1, drop_remainder=False)
+    order = _concat(list(pipeline.make_iterator(config, shard_index=0, shard_count=1)), "record_index")
+    victim = int(order[3])  # a record in the middle of the shuffled epoch
+    damaged = tmp_path / f"damaged-{victim // 5:02d}.tfrecord"
+    offset, length = tfrecord.read_index(damaged)[victim % 5]
+    data = bytearray(damaged.read_bytes())
+    data[int(offset) + 12 + int(length) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+
+    message = rf"{damaged}: record {victim % 5} at byte offset {int(offset)}: data CRC mismatch"
+    with pytest.raises(tfrecord.CorruptRecordError, match=message):
+        list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+
+    config.skip_corrupt = True
+    batches = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+    np.testing.assert_array_equal(_concat(batches, "record_index"), np.delete(order, 3))
+    np.testing.assert_array_equal(_concat(batches, "corrupt_skipped"), np.eye(len(order) - 1, dtype=int)[3])
+
+
+def test_to_global_arrays_shards_the_batch_over_devices(rendered):
+    glob, _ = rendered
+    batch = next(pipeline.make_iterator(_config(glob, batch_size=8), shard_index=0, shard_count=1))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    global_batch = pipeline.to_global_arrays(batch, mesh, jax.sharding.PartitionSpec("data"))
+    assert global_batch["target_images"].shape == (8, 3, 16, 16, 3)
+    assert len(global_batch["target_images"].addressable_shards) == 8
+    assert global_batch["target_images"].addressable_shards[3].data.shape == (1, 3, 16, 16, 3)
+    np.testing.assert_array_equal(np.asarray(global_batch["source_camera"]), batch["source_camera"])
+
+
+def test_config_errors_are_clear(rendered):
+    glob, _ = rendered
+    with pytest.raises(ValueError, match="target_resize_range needs patch_size"):
+        pipeline.make_iterator(_config(glob, target_resize_range=(8, 16)), shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="not divisible"):
+        pipeline.make_iterator(_config(glob, batch_size=4), shard_index=0, shard_count=3)
+    with pytest.raises(FileNotFoundError, match="no TFRecord shards match"):
+        pipeline.make_iterator(_config(glob + ".missing"), shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="cannot give 1 source and 9 targets"):
+        next(pipeline.make_iterator(_config(glob, num_target_views=9), shard_index=0, shard_count=1))
+
+
+@pytest.mark.slow
+def test_worker_processes_give_every_record_and_resume(rendered):
+    glob, orbits = rendered
+    config = _config(glob, num_epochs=1, worker_count=2, batch_size=2)
+    iterator = pipeline.make_iterator(config, shard_index=0, shard_count=1)
+    head = _take(iterator, 3)
+    state = iterator.get_state()
+    tail = list(iterator)
+    assert sorted(_concat(head + tail, "record_index")) == list(range(len(orbits)))
+    resumed = pipeline.make_iterator(config, shard_index=0, shard_count=1)
+    resumed.set_state(state)
+    for want, got in zip(tail, list(resumed), strict=True):
+        np.testing.assert_array_equal(got["target_images"], want["target_images"])
