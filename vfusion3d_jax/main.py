@@ -20,10 +20,13 @@ COMMANDS = {
     "demo": ("vfusion3d_jax.demo", "run_demo", "the whole system on embedded defaults"),
     "render-data": ("vfusion3d_jax.data.render_assets", "render_dataset", "render 3D assets into orbit TFRecords"),
     "inspect-data": ("vfusion3d_jax.data.inspect", "inspect_dataset", "statistics and a contact sheet of TFRecords"),
+    "train": ("vfusion3d_jax.train.trainer", "train_command", "train the triplane LRM (sharded, resumable)"),
+    "convert": ("vfusion3d_jax.models.convert", "convert_command", "import official VFusion3D weights into Orbax"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file `path.py:variant`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the command.")
+flags.DEFINE_string("checkpoint", None, "A checkpoint: official weights (.pth/.safetensors) for `convert`.")
 
 
 def _usage() -> str:

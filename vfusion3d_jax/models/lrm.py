@@ -1,0 +1,179 @@
+"""The triplane LRM of VFusion3D: image + source camera -> triplane -> rendered views.
+
+    images (N, 3, H, W) in [0, 1] ──DINOv2──▶ image tokens (N, 1 + n², D_enc)
+    source camera (N, 16) ──Linear, SiLU, Linear──▶ condition (N, D_c)
+    learned triplane tokens (3·r², D) ──[ModLN → cross-attn(image tokens), ModLN → self-attn,
+        ModLN → MLP] × L──▶ LayerNorm ──per-plane 2x2 stride-2 deconv──▶ planes (N, 3, C, 2r, 2r)
+    planes + render cameras (N, M, 25) ──TriplaneDecoder + ray marching──▶ images
+
+Numerically equal to the official `LRMGenerator` (see shared/fixtures/vfusion3d_reference);
+`vfusion3d_jax.models.convert` imports its weights. Images are channel-first (NCHW) like the
+official model and the planes; the renderer returns channels-last images.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from vfusion3d_jax.models import layers
+from vfusion3d_jax.models.vit import VisionTransformer
+from vfusion3d_jax.rendering.renderer import RenderOptions, render_views
+from vfusion3d_jax.rendering.triplane import NUM_PLANES, TriplaneDecoder
+
+SOURCE_CAMERA_DIM = 16
+DEFAULT_RENDER_OPTIONS = RenderOptions()
+
+
+class CameraEmbedder(nnx.Module):
+    """16-d source camera -> Linear -> SiLU -> Linear (the adaLN condition)."""
+
+    def __init__(self, embed_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = layers.dense(SOURCE_CAMERA_DIM, embed_dim, (None, "cond"), **kwargs)
+        self.fc2 = layers.dense(embed_dim, embed_dim, ("cond", "cond"), **kwargs)
+
+    def __call__(self, cameras: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.silu(self.fc1(cameras)))
+
+
+class TriplaneBlock(nnx.Module):
+    """The official `ConditionModulationBlock`: cross-attention, self-attention, MLP, each after a ModLN."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, context_dim: int, cond_dim: int, *,
+                 attention_implementation: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        attention = dict(use_bias=False, implementation=attention_implementation, **kwargs)
+        self.norm1 = layers.ModLN(dim, cond_dim, **kwargs)
+        self.cross_attention = layers.Attention(dim, num_heads, context_dim=context_dim, **attention)
+        self.norm2 = layers.ModLN(dim, cond_dim, **kwargs)
+        self.self_attention = layers.Attention(dim, num_heads, **attention)
+        self.norm3 = layers.ModLN(dim, cond_dim, **kwargs)
+        self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), **kwargs)
+
+    def __call__(self, x: jax.Array, context: jax.Array, cond: jax.Array) -> jax.Array:
+        x = x + self.cross_attention(self.norm1(x, cond), context)
+        x = x + self.self_attention(self.norm2(x, cond))
+        return x + self.mlp(self.norm3(x, cond))
+
+
+class TriplaneUpsampler(nnx.Module):
+    """Per-plane ConvTranspose2d(kernel 2, stride 2): out[c, 2i+a, 2j+b] = bias[c] + Σ_d x[i, j, d] W[d, a, b, c].
+
+    The kernel is (D, 2, 2, C) (PyTorch's (D, C, 2, 2) with the output channels last); with
+    stride = kernel the transposed convolution is one matmul and a pixel shuffle.
+    """
+
+    def __init__(self, dim: int, channels: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(layers.partitioned(nnx.initializers.lecun_normal(), "embed", None, None, "channels")(
+            rngs.params(), (dim, 2, 2, channels), param_dtype))
+        self.bias = nnx.Param(layers.partitioned(nnx.initializers.zeros_init(), "channels")(
+            rngs.params(), (channels,), param_dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens (N, 3, r, r, D) -> planes (N, 3, C, 2r, 2r) in float32."""
+        num, planes, rows, cols, _ = tokens.shape
+        kernel = self.kernel[...].astype(tokens.dtype)
+        shuffled = jnp.einsum("npijd,dabc->npciajb", tokens, kernel, preferred_element_type=jnp.float32)
+        out = shuffled.reshape(num, planes, -1, 2 * rows, 2 * cols)
+        return out + self.bias[...].astype(jnp.float32)[:, None, None]
+
+
+class TriplaneTransformer(nnx.Module):
+    """Learned triplane tokens, conditioned transformer layers, final LayerNorm and the upsampler.
+
+    Token t = p·r² + i·r + j is row i, column j of plane p.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        tf = config.transformer
+        self.low_res = config.triplane_low_res
+        self.remat = config.remat
+        self.dtype = dtype
+        # Official init: N(0, 1/D).
+        self.pos_embed = nnx.Param(layers.partitioned(nnx.initializers.normal(tf.dim**-0.5), None, "tokens", "embed")(
+            rngs.params(), (1, NUM_PLANES * self.low_res**2, tf.dim), param_dtype))
+        self.blocks = layers.stack_layers(
+            lambda layer_rngs: TriplaneBlock(
+                tf.dim, tf.num_heads, tf.mlp_ratio, config.encoder.dim, config.camera_embed_dim,
+                attention_implementation=config.attention_implementation, dtype=dtype, param_dtype=param_dtype,
+                rngs=layer_rngs),
+            tf.num_layers, rngs)
+        self.norm = layers.layer_norm(tf.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.upsampler = TriplaneUpsampler(tf.dim, config.triplane_dim, param_dtype=param_dtype, rngs=rngs)
+
+    def tokens(self, image_features: jax.Array, cond: jax.Array, *, return_layer_outputs: bool = False
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Final-LayerNorm triplane tokens (N, 3·r², D) (and every layer's output (L, N, 3·r², D) if asked)."""
+        num = image_features.shape[0]
+        x = jnp.broadcast_to(self.pos_embed[...].astype(self.dtype), (num,) + self.pos_embed.shape[1:])
+        context, cond = image_features.astype(self.dtype), cond.astype(self.dtype)
+        x, layer_outputs = layers.scan_layers(self.blocks, x, lambda block, h: block(h, context, cond),
+                                              remat=self.remat, return_layer_outputs=return_layer_outputs)
+        x = self.norm(x)
+        return (x, layer_outputs) if return_layer_outputs else x
+
+    def planes(self, tokens: jax.Array) -> jax.Array:
+        """Final tokens (N, 3·r², D) -> planes (N, 3, C, 2r, 2r) in float32."""
+        return self.upsampler(tokens.reshape(tokens.shape[0], NUM_PLANES, self.low_res, self.low_res, -1))
+
+    def __call__(self, image_features: jax.Array, cond: jax.Array) -> jax.Array:
+        return self.planes(self.tokens(image_features, cond))
+
+
+class LRM(nnx.Module):
+    """The VFusion3D triplane LRM; `config` is `config.model` (configs/lrm.py).
+
+    Submodules mirror the official `LRMGenerator`: `encoder`, `camera_embedder`, `transformer`
+    and `decoder` (the official `synthesizer.decoder`).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = VisionTransformer(config.encoder, remat=config.remat,
+                                         attention_implementation=config.attention_implementation, **kwargs)
+        self.camera_embedder = CameraEmbedder(config.camera_embed_dim, **kwargs)
+        self.transformer = TriplaneTransformer(config, **kwargs)
+        self.decoder = TriplaneDecoder(config.triplane_dim, config.decoder.hidden_dim, config.decoder.num_layers,
+                                       **kwargs)
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """Images (N, 3, H, W) RGB in [0, 1] -> image tokens (N, 1 + ⌊H/14⌋·⌊W/14⌋, D_enc), CLS first."""
+        return self.encoder(images)
+
+    def embed_camera(self, source_cameras: jax.Array) -> jax.Array:
+        """Source cameras (N, 16) (cam2world[:3] row-major, fx, fy, cx, cy normalised) -> (N, D_c)."""
+        return self.camera_embedder(source_cameras)
+
+    def forward_planes(self, images: jax.Array, source_cameras: jax.Array) -> jax.Array:
+        """Images (N, 3, H, W) in [0, 1] and source cameras (N, 16) -> planes (N, 3, C, 2r, 2r) float32."""
+        return self.transformer(self.encode_image(images), self.embed_camera(source_cameras))
+
+    def __call__(self, images: jax.Array, source_cameras: jax.Array, render_cameras: jax.Array, *,
+                 resolution: int, options: RenderOptions = DEFAULT_RENDER_OPTIONS, key: jax.Array | None = None,
+                 crop_size: int | None = None, crop_start=None, background: jax.Array | None = None
+                 ) -> dict[str, jax.Array]:
+        """Planes of the images and their renders from `render_cameras` (N, M, 25).
+
+        The keyword arguments are those of `rendering.render_views`. Returns `planes` and the
+        renderer's `rgb` (N, M, h, w, 3), `depth` and `opacity` (N, M, h, w, 1).
+        """
+        planes = self.forward_planes(images, source_cameras)
+        rendered = render_views(self.decoder, planes, render_cameras, resolution=resolution, crop_size=crop_size,
+                                crop_start=crop_start, options=options, key=key, background=background)
+        return dict(rendered, planes=planes)
+
+
+def abstract_lrm(config: ml_collections.ConfigDict) -> LRM:
+    """The LRM of `config.model`-like `config` with shapes only (nothing allocated)."""
+    return nnx.eval_shape(lambda: LRM(config, rngs=nnx.Rngs(0)))
+
+
+def count_parameters(config: ml_collections.ConfigDict) -> int:
+    """Number of parameters of the LRM of `config` (a `config.model`), without allocating them."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract_lrm(config), nnx.Param)))
