@@ -551,6 +551,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                              disable=jax.process_index() != 0, dynamic_ncols=True)
         reporter = _StepReporter(config, log, progress, config.data.batch_size)
         try:
+            if config.eval.every and start_step == 0:  # the untrained model: the baseline of every curve
+                values, _ = evaluate(config, eval_step, state.model_state, eval_lpips, mesh, rules)
+                log.scalars(0, "eval", values)
+                logging.info("eval at step 0: %s", values)
             end_step = num_steps if config.train.stop_after is None else min(num_steps, config.train.stop_after)
             for step in range(start_step, end_step):
                 if step == stage.end_step:
