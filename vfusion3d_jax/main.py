@@ -35,7 +35,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_library_info(record) -> bool:
+    """Keeps Orbax's per-save INFO chatter out of the log (warnings and errors still pass)."""
+    return record.levelno > logging.converter.ABSL_TO_STANDARD[logging.INFO] or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+    if logging.get_verbosity() <= logging.INFO:
+        logging.get_absl_handler().addFilter(_quiet_library_info)
     if len(argv) < 2 or argv[1] not in COMMANDS:
         given = f"unknown command {argv[1]!r}\n" if len(argv) >= 2 else ""
         raise app.UsageError(given + _usage())
