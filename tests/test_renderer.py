@@ -193,12 +193,16 @@ def test_interpolation_values_and_gradients_match_autodiff_of_the_definition():
     cotangent = jax.random.normal(keys[2], (3, 40, 5))
 
     def summed_over_planes(planes, points):
-        return triplane.interpolate_planes(triplane.plane_table(jnp.moveaxis(planes, 1, -1)), points, sum_planes=True)
+        table = triplane.plane_table(jnp.moveaxis(planes, 1, -1))
+        return triplane.interpolate_planes(table, points, sum_planes=True)
+
+    def reference_summed(planes, points):
+        return jnp.sum(reference_bilinear(planes, points), axis=0)
 
     assert_close(sample_from_planes(planes, points), reference_bilinear(planes, points), rtol=1e-6)
     # Both forms of the custom gradient (per plane, summed), w.r.t. the planes and the points.
     for fast, slow, weights in ((sample_from_planes, reference_bilinear, cotangent),
-                                (summed_over_planes, lambda *args: jnp.sum(reference_bilinear(*args), 0), cotangent[0])):
+                                (summed_over_planes, reference_summed, cotangent[0])):
         gradients = [jax.jit(jax.grad(lambda planes, points, fn=fn: jnp.sum(fn(planes, points) * weights),
                                       argnums=(0, 1)))(planes, points) for fn in (fast, slow)]
         for actual, expected in zip(*gradients):
@@ -337,8 +341,8 @@ def test_random_draws_depend_only_on_the_key(decoder, reference):
 
     first = render_with(jax.random.key(0))
     np.testing.assert_array_equal(first, render_with(jax.random.key(0)))
-    assert_close(render_with(jax.random.key(0), chunk_size=10), first, rtol=3e-6)
-    np.testing.assert_array_equal(render_with(jax.random.key(0), inverse_cdf="compare"), first)
+    # Neither the chunking nor the inverse-CDF method changes the draws or the render.
+    assert_close(render_with(jax.random.key(0), chunk_size=10, inverse_cdf="compare"), first, rtol=3e-6)
     second = render_with(jax.random.key(1))
     assert np.max(np.abs(first - second)) > 1e-3
     # Random draws render the same scene: close to the deterministic render on average.

@@ -20,6 +20,8 @@ importance sampling runs under no_grad); callers apply `jax.lax.stop_gradient` a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,7 +99,9 @@ def march_rays(colors: jax.Array, raw_densities: jax.Array, depths: jax.Array) -
     has_weight = opacity > 0
     depth = jnp.where(has_weight, depth_sum / jnp.where(has_weight, opacity, 1), jnp.inf)
     return {
-        "rgb": jnp.sum(weights[..., None] * colors_mid, axis=-2),
+        # Per channel: the gradient w.r.t. the weights is then three fused products, not a
+        # reduction over a length-3 axis (which XLA:CPU runs slowly).
+        "rgb": jnp.stack([jnp.sum(weights * colors_mid[..., c], axis=-1) for c in range(3)], axis=-1),
         "opacity": opacity,
         "depth": depth,
         "weights": weights,
@@ -126,9 +130,10 @@ def sample_importance(depths: jax.Array, weights: jax.Array, uniforms: jax.Array
     bins = bins[..., : cdf.shape[-1]]
     last = cdf.shape[-1] - 1
     if method == "gather":
-        search = jax.vmap(lambda c, u: jnp.searchsorted(c, u, side="right"))
-        index = search(cdf.reshape(-1, cdf.shape[-1]), uniforms.reshape(-1, uniforms.shape[-1]))
-        index = index.reshape(uniforms.shape)
+        search = functools.partial(jnp.searchsorted, side="right")
+        for _ in range(cdf.ndim - 1):  # over the batch axes (not flattened: they may be sharded)
+            search = jax.vmap(search)
+        index = search(cdf, uniforms)
         below, above = jnp.maximum(index - 1, 0), jnp.minimum(index, last)
 
         def pick(values, where):
