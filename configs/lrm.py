@@ -223,7 +223,9 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     config.train.checkpoint_every = interval
     config.train.checkpoint_keep = 3
     config.train.log_every = 10 if variant in ("fixture", "tiny") else 50
-    config.train.render_chunk_size = 4096  # rays per object marched at once (memory bound)
+    # Rays per object marched at once (bounds memory); None = the renderer's backend default
+    # (128 on CPU, where larger chunks fall out of cache; 4096 on accelerators).
+    config.train.render_chunk_size = config_dict.placeholder(int)
 
     # Evaluation on held-out objects: fixed seed (same objects, views and cameras every time),
     # deterministic rendering, PSNR / SSIM / LPIPS (AlexNet) on novel views; image grid PNGs.
