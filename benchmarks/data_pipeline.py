@@ -10,7 +10,6 @@ one Markdown row per worker count with the median of the runs:
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import platform
 import shlex
@@ -18,11 +17,11 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
+from vfusion3d_jax.configs import config_module
 from vfusion3d_jax.data import example, pipeline, tfrecord
 
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Grain worker counts to time.")
@@ -39,13 +38,6 @@ _PATCH = flags.DEFINE_integer("patch_size", None, "Target patch side; unset = fu
 _READ_THREADS = flags.DEFINE_integer("read_threads", 8, "Reading threads per process.")
 
 
-def _input_config():
-    spec = importlib.util.spec_from_file_location("common_config", Path(__file__).parents[1] / "configs" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.input_config()
-
-
 def _write_shards(directory: str) -> str:
     rng = np.random.default_rng(0)
     per_shard = -(-_ORBITS.value // 4)
@@ -58,7 +50,7 @@ def _write_shards(directory: str) -> str:
 
 
 def _batches_per_second(glob: str, worker_count: int) -> float:
-    config = _input_config()
+    config = config_module("common.py").input_config()
     config.mixture.rendered.glob = glob
     config.update(dict(batch_size=_BATCH_SIZE.value, num_target_views=_TARGETS.value, worker_count=worker_count,
                        source_resolution=_SOURCE_RESOLUTION.value, target_resolution=_RESOLUTION.value,

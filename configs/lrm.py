@@ -34,19 +34,16 @@ At scale (a TPU v5 pod; see launch/tpu_v5.sh), with synthetic orbits mixed in:
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 from ml_collections import config_dict
 
+from vfusion3d_jax.configs import config_module
+
 
 def _input_config() -> ml_collections.ConfigDict:
-    # Config files are loaded by path, not as a package: load the sibling common.py the same way.
-    spec = importlib.util.spec_from_file_location("vfusion3d_configs_common", Path(__file__).with_name("common.py"))
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
-    return common.input_config()
+    return config_module(str(Path(__file__).with_name("common.py"))).input_config()
 
 
 # name: (encoder dim, layers, heads, pretraining image size), camera embedding,

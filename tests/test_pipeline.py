@@ -1,6 +1,5 @@
 """The Grain orbit pipeline on real TFRecord shards of small synthetic orbits."""
 
-import importlib.util
 import math
 
 import jax
@@ -9,12 +8,10 @@ import pytest
 from PIL import Image
 
 from vfusion3d_jax import cameras
-from vfusion3d_jax.configs import CONFIG_DIR
+from vfusion3d_jax.configs import config_module
 from vfusion3d_jax.data import example, pipeline, tfrecord
 
-_spec = importlib.util.spec_from_file_location("common_config", CONFIG_DIR / "common.py")
-common_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common_config)
+common_config = config_module("common.py")
 
 NUM_VIEWS, RESOLUTION = 8, 16
 

@@ -15,13 +15,12 @@ import ml_collections
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
-    """Loads `file.py:variant` (relative to `configs/` unless a path exists) and locks it.
+def config_module(path: str):
+    """Imports a config file by path (relative to `configs/` unless the path exists).
 
-    `overrides` use dotted keys written with double underscores, e.g.
-    `load_config("data.py:tiny", render__resolution=32)`; an unknown key raises.
+    Config files are loaded by path, not as a package, so they and their shared parts
+    (`common.py`) are imported through here.
     """
-    path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.exists():
         file = CONFIG_DIR / file.name
@@ -30,6 +29,17 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
+    """Loads `file.py:variant` (relative to `configs/` unless a path exists) and locks it.
+
+    `overrides` use dotted keys written with double underscores, e.g.
+    `load_config("data.py:tiny", render__resolution=32)`; an unknown key raises.
+    """
+    path, _, arg = spec.partition(":")
+    module = config_module(path)
     config = module.get_config(arg) if arg else module.get_config()
     config = ml_collections.ConfigDict(config)
     config.lock()
