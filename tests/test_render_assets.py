@@ -11,11 +11,13 @@ import trimesh
 from vfusion3d_jax import cameras
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data import assets
-from vfusion3d_jax.data.example import decode_orbit
+from vfusion3d_jax.data.example import decode_orbit, read_metadata
 from vfusion3d_jax.data.inspect import inspect_dataset
 from vfusion3d_jax.data.rasterize import Rasterizer
-from vfusion3d_jax.data.render_assets import OrbitSettings, framing_extent, orbit_cameras, render_dataset
+from vfusion3d_jax.data.render_assets import (OrbitSettings, framing_extent, orbit_cameras, render_dataset,
+                                              surface_points)
 from vfusion3d_jax.data.tfrecord import iterate_records
+from vfusion3d_jax.train.metrics import chamfer_distance
 
 
 def _builtin(name: str) -> assets.AssetSpec:
@@ -128,7 +130,12 @@ def test_asset_listing_and_normalisation():
     # The duck is stored y-up (extents x 1.65, y 1.54, z 1.15): turned z-up, it stands tall.
     duck_extent = np.ptp(_world_vertices(assets.load_asset(_builtin("duck_vhacd"), 0.9)), axis=0)
     assert duck_extent[2] > 0.85 * duck_extent.max()
-    np.testing.assert_allclose(assets.up_axis_rotation("+y")[:3, :3] @ [0, 1, 0], [0, 0, 1], atol=1e-12)
+    np.testing.assert_allclose(assets.up_axis_rotation("+y")[:3, :3], [[1, 0, 0], [0, 0, -1], [0, 1, 0]], atol=1e-12)
+    for axis in assets.UP_AXES:  # every up axis lands on +z by a proper rotation
+        rotation = assets.up_axis_rotation(axis)[:3, :3]
+        direction = np.eye(3)["xyz".index(axis[1])] * (1 if axis[0] == "+" else -1)
+        np.testing.assert_allclose(rotation @ direction, [0, 0, 1], atol=1e-12)
+        np.testing.assert_allclose(np.linalg.det(rotation), 1.0, atol=1e-12)
 
 
 def test_procedural_objects_are_pure_functions_of_the_seed():
@@ -144,6 +151,40 @@ def test_default_cameras_frame_every_normalised_asset():
     assert focal == pytest.approx(0.75)
     assert 0.85 < framing_extent(config.object_size, config.radius, focal, config.elevation_range_deg) < 0.95
     assert framing_extent(config.object_size, 1.0, focal, config.elevation_range_deg) > 1.0
+
+
+def test_surface_points_are_on_the_placed_triangles_and_seeded_by_the_id():
+    """Node transforms apply (URDF links are placed by them) and sampling is uniform by area."""
+    scene = trimesh.Scene()
+    scene.add_geometry(trimesh.creation.box(extents=[0.2, 0.2, 0.2]),
+                       transform=trimesh.transformations.translation_matrix([0.3, 0.0, 0.0]))
+    scene.add_geometry(trimesh.creation.box(extents=[0.4, 0.4, 0.4]),
+                       transform=trimesh.transformations.translation_matrix([-0.2, 0.0, 0.0]))
+    settings = OrbitSettings.from_config(load_config("data.py:tiny", num_surface_points=4000))
+    points = surface_points(scene, "two-boxes", settings)
+    assert points.shape == (4000, 3) and points.dtype == np.float32
+    small = points[:, 0] > 0.15 + 1e-6
+    for centre, half, chosen in [(0.3, 0.1, small), (-0.2, 0.2, ~small)]:
+        local = np.abs(points[chosen] - [centre, 0.0, 0.0])
+        assert (local <= half + 1e-6).all() and (np.min(np.abs(local - half), axis=1) < 1e-6).all()
+    assert np.mean(small) == pytest.approx(0.2, abs=0.03)  # areas 0.24 and 0.96
+    np.testing.assert_array_equal(points, surface_points(scene, "two-boxes", settings))
+    assert not np.array_equal(points, surface_points(scene, "other-id", settings))
+
+
+def test_chamfer_distance_known_answers():
+    """The metric the surface points are for: mean of the two mean Euclidean nearest-neighbour distances."""
+    grid = np.stack(np.meshgrid(*[np.arange(4.0)] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
+    assert chamfer_distance(grid, grid) == dict(chamfer=0.0, accuracy=0.0, completeness=0.0)
+    shifted = chamfer_distance(grid + [0.1, 0.0, 0.0], grid)  # spacing 1: each point's nearest is its copy
+    for value in shifted.values():
+        assert value == pytest.approx(0.1)
+    partial = chamfer_distance(grid[:2], np.concatenate([grid[:2], [[0.0, 0.0, 4.0]]]))  # 3 from (0, 0, 1)
+    assert partial == pytest.approx(dict(chamfer=0.5, accuracy=0.0, completeness=1.0))  # a missed part
+    with pytest.raises(ValueError, match="points is empty"):
+        chamfer_distance(np.zeros((0, 3)), grid)
+    with pytest.raises(ValueError, match=r"reference must be \(N, 3\)"):
+        chamfer_distance(grid, grid[:, :2])
 
 
 def _write_user_assets(folder):
@@ -184,6 +225,17 @@ def test_render_dataset_end_to_end(tmp_path, capsys):
     assert orbit["elevation_deg"] == pytest.approx(elevation) and 0 <= elevation <= 45
     background = orbit["images"][..., 3] == 0
     assert (orbit["images"][..., :3][background] == 255).all()
+
+    # Surface points in the world frame of the normalised asset (longest side object_size 0.9).
+    for record in records:
+        points = decode_orbit(record, views=[])["surface_points"]
+        assert points.shape == (2048, 3)
+        assert (np.abs(points) <= 0.45 + 1e-5).all() and np.ptp(points, axis=0).max() == pytest.approx(0.9, rel=0.05)
+    box = decode_orbit(next(r for r in records if read_metadata(r).object_id == "user/tall_box.obj"), views=[])
+    half = np.abs(box["surface_points"]).max(axis=0)
+    np.testing.assert_allclose(np.sort(half), [0.09, 0.18, 0.45], atol=1e-5)  # extents 0.2, 0.4, 1.0 scaled by 0.9
+    assert half[2] == pytest.approx(0.45)  # the y-up box stands tall
+    assert (np.min(np.abs(np.abs(box["surface_points"]) - half), axis=1) < 1e-5).all()  # each point on a face
 
     # Two workers write the same bytes.
     render_dataset(_tiny_config(tmp_path / "user", num_workers=2), str(two_workers), [])

@@ -174,6 +174,23 @@ def test_default_azimuths_and_unknown_quality():
     assert math.isnan(decoded["quality"])
 
 
+def test_surface_points_round_trip_and_absence():
+    orbit = example.random_orbit(np.random.default_rng(5), num_views=2, resolution=4)
+    points = np.random.default_rng(6).uniform(-0.45, 0.45, size=(50, 3))
+    with_points = example.decode_orbit(example.encode_orbit(**orbit, surface_points=points), views=[])
+    assert with_points["surface_points"].dtype == np.float32
+    np.testing.assert_array_equal(with_points["surface_points"], points.astype(np.float32))
+    without = example.encode_orbit(**orbit)
+    assert "object/surface_points" not in example.parse_example(without).features.feature
+    assert example.decode_orbit(without)["surface_points"] is None
+    parsed = example.parse_example(example.encode_orbit(**orbit, surface_points=points))
+    del parsed.features.feature["object/surface_points"].float_list.value[-1]
+    with pytest.raises(example.OrbitSchemaError, match=r"'object/surface_points' .* 149 values, expected a multiple"):
+        example.decode_orbit(parsed)
+    with pytest.raises(ValueError, match=r"surface_points must be \(P, 3\)"):
+        example.encode_orbit(**orbit, surface_points=points[:, :2])
+
+
 def test_orbit_in_a_shard(tmp_path):
     rng = np.random.default_rng(2)
     orbits = [example.random_orbit(rng, num_views=4, resolution=8) for _ in range(3)]

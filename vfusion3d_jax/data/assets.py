@@ -251,15 +251,18 @@ def _canonical_up_axis(axis: str) -> str:
 
 
 def up_axis_rotation(up_axis: str) -> np.ndarray:
-    """4x4 rotation taking the asset's `up_axis` to world +z (+y: +90 degrees about x)."""
+    """4x4 rotation taking the asset's `up_axis` to world +z by the smallest turn, so the other
+    axes move as little as possible (+y: +90 degrees about x, y -> z and z -> -y; -z: a half
+    turn about x)."""
     axis = _canonical_up_axis(up_axis)
     if axis not in UP_AXES:
         raise ValueError(f"up axis must be one of {UP_AXES}, got {up_axis!r}")
+    if axis in ("+z", "-z"):
+        return trimesh.transformations.rotation_matrix(0.0 if axis == "+z" else math.pi, [1.0, 0.0, 0.0])
     direction = np.zeros(3)
     direction["xyz".index(axis[1])] = 1.0 if axis[0] == "+" else -1.0
-    if axis == "-z":  # align_vectors picks an arbitrary half-turn here; make it about x
-        return trimesh.transformations.rotation_matrix(math.pi, [1.0, 0.0, 0.0])
-    return trimesh.geometry.align_vectors(direction, [0.0, 0.0, 1.0])
+    # A quarter turn about direction x z (trimesh's align_vectors adds an arbitrary twist here).
+    return trimesh.transformations.rotation_matrix(math.pi / 2, np.cross(direction, [0.0, 0.0, 1.0]))
 
 
 def normalize(scene: trimesh.Scene, object_size: float) -> trimesh.Scene:

@@ -3,20 +3,28 @@
 Every record of the orbit TFRecords (rendered 3D assets and synthetic video-diffusion orbits
 alike) is one serialised `tf.train.Example` with these features (V = number of views):
 
-| feature               | type        | values | meaning                                                        |
-|-----------------------|-------------|--------|----------------------------------------------------------------|
-| `views/image`         | bytes list  | V      | PNG, RGBA 8-bit; alpha is the foreground mask (0 = background)  |
-| `views/cam2world`     | float list  | V×16   | 4×4 camera-to-world, row-major, OpenGL camera axes, world +z up |
-| `views/intrinsics`    | float list  | V×9    | 3×3 K, row-major, normalised by image size (fx/w, fy/h, cx/w, cy/h) |
-| `views/azimuth_deg`   | float list  | V      | camera azimuth, degrees from +x towards +y                     |
-| `views/count`         | int64       | 1      | V                                                              |
-| `views/height`        | int64       | 1      | image height in pixels (all views)                             |
-| `views/width`         | int64       | 1      | image width in pixels (all views)                              |
-| `object/id`           | bytes       | 1      | UTF-8 identifier of the object (asset id, or prompt/image id)  |
-| `object/source`       | bytes       | 1      | `rendered` (3D asset render) or `synthetic` (video diffusion)  |
-| `meta/elevation_deg`  | float       | 1      | orbit elevation in degrees (estimated for synthetic orbits)    |
-| `meta/quality`        | float       | 1      | curation score, higher is better; NaN when unknown             |
-| `meta/schema_version` | int64       | 1      | 1                                                              |
+| feature                 | type       | values | meaning                                                             |
+|-------------------------|------------|--------|---------------------------------------------------------------------|
+| `views/image`           | bytes list | V      | PNG, RGBA 8-bit; alpha is the foreground mask (0 = background)      |
+| `views/cam2world`       | float list | V×16   | 4×4 camera-to-world, row-major, OpenGL camera axes, world +z up     |
+| `views/intrinsics`      | float list | V×9    | 3×3 K, row-major, normalised by image size (fx/w, fy/h, cx/w, cy/h) |
+| `views/azimuth_deg`     | float list | V      | camera azimuth, degrees from +x towards +y                          |
+| `views/count`           | int64      | 1      | V                                                                   |
+| `views/height`          | int64      | 1      | image height in pixels (all views)                                  |
+| `views/width`           | int64      | 1      | image width in pixels (all views)                                   |
+| `object/id`             | bytes      | 1      | UTF-8 identifier of the object (asset id, or prompt/image id)       |
+| `object/source`         | bytes      | 1      | `rendered` (3D asset render) or `synthetic` (video diffusion)       |
+| `object/surface_points` | float list | P×3    | optional: points on the object's surface, world frame (below)       |
+| `meta/elevation_deg`    | float      | 1      | orbit elevation in degrees (estimated for synthetic orbits)         |
+| `meta/quality`          | float      | 1      | curation score, higher is better; NaN when unknown                  |
+| `meta/schema_version`   | int64      | 1      | 1                                                                   |
+
+`object/surface_points` is the ground-truth geometry for Chamfer evaluation: P points (the
+data config's `num_surface_points`, 2048 by default) sampled uniformly by area on the
+normalised asset's surface, row-major xyz, in the world frame of `views/cam2world`. Only
+rendered orbits can have it (synthetic orbits have no 3D asset), and it is optional, so the
+schema version stays 1: readers that do not know the feature ignore it, and `decode_orbit`
+returns None for records without it.
 
 Cameras follow `vfusion3d_jax.cameras` (the official model's conventions), so
 `cameras.source_camera` and `cameras.render_camera` apply to the decoded arrays directly.
@@ -75,11 +83,12 @@ def _azimuths_from_cameras(cam2world: np.ndarray) -> np.ndarray:
 
 def encode_orbit(images: np.ndarray, cam2world: np.ndarray, intrinsics: np.ndarray, *, object_id: str,
                  source: str, elevation_deg: float, quality: float = math.nan,
-                 azimuths_deg: Sequence[float] | None = None) -> bytes:
+                 azimuths_deg: Sequence[float] | None = None, surface_points: np.ndarray | None = None) -> bytes:
     """Serialises one orbit as a `tf.train.Example`.
 
     images: uint8 (V, H, W, 4) RGBA; cam2world: (V, 4, 4); intrinsics: (V, 3, 3) normalised.
-    `azimuths_deg` defaults to the azimuths of the camera positions.
+    `azimuths_deg` defaults to the azimuths of the camera positions. `surface_points` (P, 3),
+    world frame, becomes the optional `object/surface_points` feature (left out when None).
     """
     images = np.asarray(images)
     cam2world = np.asarray(cam2world, np.float32)
@@ -96,6 +105,10 @@ def encode_orbit(images: np.ndarray, cam2world: np.ndarray, intrinsics: np.ndarr
     azimuths = _azimuths_from_cameras(cam2world) if azimuths_deg is None else np.asarray(azimuths_deg, np.float32)
     if azimuths.shape != (num_views,):
         raise ValueError(f"azimuths_deg must have {num_views} values, got shape {azimuths.shape}")
+    if surface_points is not None:
+        surface_points = np.asarray(surface_points, np.float32)
+        if surface_points.ndim != 2 or surface_points.shape[1] != 3:
+            raise ValueError(f"surface_points must be (P, 3), got shape {surface_points.shape}")
 
     example = tf_example_pb2.Example()
     feature = example.features.feature
@@ -108,6 +121,8 @@ def encode_orbit(images: np.ndarray, cam2world: np.ndarray, intrinsics: np.ndarr
     feature["views/width"].int64_list.value.append(width)
     feature["object/id"].bytes_list.value.append(object_id.encode("utf-8"))
     feature["object/source"].bytes_list.value.append(source.encode("utf-8"))
+    if surface_points is not None:
+        feature["object/surface_points"].float_list.value.extend(surface_points.reshape(-1).tolist())
     feature["meta/elevation_deg"].float_list.value.append(float(elevation_deg))
     feature["meta/quality"].float_list.value.append(float(quality))
     feature["meta/schema_version"].int64_list.value.append(SCHEMA_VERSION)
@@ -170,13 +185,25 @@ def _decode_png(png: bytes, height: int, width: int, object_id: str, view: int) 
         return np.asarray(image if image.mode == "RGBA" else image.convert("RGBA"))
 
 
+def _surface_points(example: tf_example_pb2.Example, object_id: str) -> np.ndarray | None:
+    """The optional `object/surface_points` as float32 (P, 3); None when the record has none."""
+    if "object/surface_points" not in example.features.feature:
+        return None
+    values = np.asarray(_values(example, "object/surface_points", "float_list"), np.float32)
+    if values.size % 3:
+        raise OrbitSchemaError(f"feature 'object/surface_points' of {object_id!r} has {values.size} values, "
+                               "expected a multiple of 3")
+    return values.reshape(-1, 3)
+
+
 def decode_orbit(record: bytes | tf_example_pb2.Example, *, views: Sequence[int] | None = None) -> dict:
     """Decodes an orbit record into NumPy arrays; only the `views` asked for (all by default).
 
     Returns a dict with `images` uint8 (V', H, W, 4), `cam2world` float32 (V', 4, 4),
     `intrinsics` float32 (V', 3, 3), `azimuth_deg` float32 (V',), `view_indices` int32 (V',),
-    in the order of `views`, and the metadata: `object_id`, `source`, `elevation_deg`,
-    `quality`, `num_views` (V, all views in the record), `height`, `width`.
+    in the order of `views`, `surface_points` float32 (P, 3) or None when the record has none,
+    and the metadata: `object_id`, `source`, `elevation_deg`, `quality`, `num_views` (V, all
+    views in the record), `height`, `width`.
     """
     example = parse_example(record)
     metadata = read_metadata(example)
@@ -195,6 +222,7 @@ def decode_orbit(record: bytes | tf_example_pb2.Example, *, views: Sequence[int]
         "intrinsics": intrinsics.reshape(num_views, 3, 3)[view_indices],
         "azimuth_deg": azimuths[view_indices],
         "view_indices": view_indices.astype(np.int32),
+        "surface_points": _surface_points(example, metadata.object_id),
         **dataclasses.asdict(metadata),
     }
 

@@ -214,16 +214,21 @@ def select_views(rng: np.random.Generator, num_views: int, num_targets: int,
     return int(chosen[0]), (chosen[:num_targets] if include_source else chosen[1:])
 
 
-def canonicalize_to_source(cam2world: np.ndarray, source_cam2world: np.ndarray) -> np.ndarray:
-    """Moves the world so the source camera has the official canonical pose at its own distance.
+def source_world_change(source_cam2world: np.ndarray) -> np.ndarray:
+    """The rigid 4x4 map of world points into the frame where the source camera has the official
+    canonical pose at its own distance (float64).
 
     The canonical pose looks from +x at the origin with +z up; this is the camera the official
     inferrer gives the encoder, so training in this frame matches inference.
     """
     canonical = cameras.CANONICAL_SOURCE_CAM2WORLD.astype(np.float64)
     canonical[:3, 3] *= np.linalg.norm(source_cam2world[:3, 3])
-    world_change = canonical @ np.linalg.inv(source_cam2world.astype(np.float64))
-    return (world_change @ cam2world.astype(np.float64)).astype(np.float32)
+    return canonical @ np.linalg.inv(source_cam2world.astype(np.float64))
+
+
+def canonicalize_to_source(cam2world: np.ndarray, source_cam2world: np.ndarray) -> np.ndarray:
+    """Cameras (..., 4, 4) moved with the world by `source_world_change` (the source becomes canonical)."""
+    return (source_world_change(source_cam2world) @ cam2world.astype(np.float64)).astype(np.float32)
 
 
 def patch_intrinsics(intrinsics: np.ndarray, full_size: int, patch_size: int, offsets: np.ndarray) -> np.ndarray:

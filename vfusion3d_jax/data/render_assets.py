@@ -6,11 +6,14 @@ Each asset (`vfusion3d_jax.data.assets`) becomes one orbit record (`data.example
 at evenly spaced azimuths with a random offset, one elevation drawn from
 `elevation_range_deg`, all at `radius` from the origin with focal length from `fov_deg`,
 rendered by `data.rasterize` (RGBA, white background, alpha = foreground), source
-'rendered', quality NaN. Records go to DIR/shards/{split}-{i:05d}-of-{n:05d}.tfrecord, split
-'train' or 'holdout' (whole asset groups held out, for evaluation on unseen objects).
+'rendered', quality NaN, plus `num_surface_points` points sampled on the asset's surface
+(`object/surface_points`: the ground truth of Chamfer evaluation). Records go to
+DIR/shards/{split}-{i:05d}-of-{n:05d}.tfrecord, split 'train' or 'holdout' (whole asset
+groups held out, for evaluation on unseen objects).
 
-* Deterministic: assets, split, shard contents and cameras depend only on the config (the
-  cameras of an object on its id and the seed), so any number of workers writes the same bytes.
+* Deterministic: assets, split, shard contents, cameras and surface points depend only on the
+  config (the cameras and points of an object on its id and the seed), so any number of
+  workers writes the same bytes.
 * Parallel: `num_workers` processes (spawned: each owns a pybullet client), whole shards each.
 * Resumable: shards are written atomically, so an existing shard is a complete one and a
   restart skips it. The workdir remembers the config it was made with and refuses another.
@@ -35,6 +38,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import tqdm
+import trimesh
 from absl import logging
 
 from vfusion3d_jax import cameras
@@ -66,19 +70,22 @@ class OrbitSettings:
     object_size: float
     lighting: Lighting
     seed: int
+    num_surface_points: int  # 0 = records without object/surface_points
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> OrbitSettings:
         low, high = (float(e) for e in config.elevation_range_deg)
         if not low <= high:
             raise ValueError(f"elevation_range_deg must be (low, high) with low <= high, got {(low, high)}")
+        if config.num_surface_points < 0:
+            raise ValueError(f"num_surface_points must be >= 0, got {config.num_surface_points}")
         return cls(
             num_views=int(config.num_views), resolution=int(config.resolution), supersample=int(config.supersample),
             elevation_range_deg=(low, high), radius=float(config.radius),
             focal=float(cameras.fov_to_focal(config.fov_deg)), object_size=float(config.object_size),
             lighting=Lighting(tuple(float(v) for v in config.light_direction), float(config.light_ambient),
                               float(config.light_diffuse)),
-            seed=int(config.seed))
+            seed=int(config.seed), num_surface_points=int(config.num_surface_points))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +147,29 @@ def orbit_cameras(object_id: str, settings: OrbitSettings) -> tuple[np.ndarray, 
     return cam2world, np.broadcast_to(intrinsics, (settings.num_views, 3, 3)), elevation
 
 
+def surface_points(scene: trimesh.Scene, object_id: str, settings: OrbitSettings) -> np.ndarray:
+    """float32 (P, 3) world points uniform by area on the scene's triangles; seeded by the object id.
+
+    The triangles are gathered bare (world vertices and faces only) rather than by
+    `scene.to_geometry()`, which also merges materials and textures: up to 0.2 s for the
+    many-part robots, and a way to fail that has nothing to do with the geometry.
+    """
+    vertices, faces, offset = [], [], 0
+    for node in scene.graph.nodes_geometry:
+        transform, name = scene.graph[node]
+        geometry = scene.geometry[name]
+        if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces):
+            vertices.append(trimesh.transform_points(geometry.vertices, transform))
+            faces.append(np.asarray(geometry.faces) + offset)
+            offset += len(geometry.vertices)
+    if not faces:
+        raise assets.AssetError(f"{object_id}: no triangles to sample surface points on")
+    mesh = trimesh.Trimesh(np.concatenate(vertices), np.concatenate(faces), process=False)
+    rng = np.random.default_rng([settings.seed, _stable_hash("surface", object_id)])
+    points, _ = trimesh.sample.sample_surface(mesh, settings.num_surface_points, seed=rng)
+    return points.astype(np.float32)
+
+
 def framing_extent(object_size: float, radius: float, focal: float, elevation_range_deg) -> float:
     """Largest image extent (1 = the full width) of the bounding cube of any normalised asset over all orbits.
 
@@ -164,8 +194,9 @@ def render_orbit(rasterizer: Rasterizer, spec: assets.AssetSpec, settings: Orbit
     views = rasterizer.render(mesh, cam2world, intrinsics, settings.resolution)
     if not views.rgba[..., 3].any():
         raise assets.AssetError(f"{spec.object_id}: nothing visible in any view")
+    points = surface_points(mesh, spec.object_id, settings) if settings.num_surface_points else None
     return encode_orbit(views.rgba, cam2world, intrinsics, object_id=spec.object_id, source="rendered",
-                        elevation_deg=elevation)
+                        elevation_deg=elevation, surface_points=points)
 
 
 def _summary_path(shard_path: str) -> str:

