@@ -1,0 +1,1 @@
+"""Image to 3D: preprocessing, reconstruction, the infer and evaluate commands."""
