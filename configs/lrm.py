@@ -118,6 +118,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         num_coarse=samples,
         num_importance=samples,
     ))
+    # How to feed this model a user's image (stored with every checkpoint; `infer` and `evaluate`
+    # read it). This project's training puts the source camera at its own distance (the rendered
+    # orbits' radius, 1.5) and frames objects as `render-data` does: longest side 0.9 at radius
+    # 1.5 with fx 0.75 fills ~0.9 * 0.75 / 1.5 = 45% of the image, a recentring border of 0.55.
+    # `convert` stores the official values for the released weights (distance 1, border 0.2).
+    config.inference = ml_collections.ConfigDict(dict(source_distance=1.5, border_ratio=0.55))
     config.data = _input_config()
     config.data.source_resolution = source_size
     config.data.target_resolution = min(render_size, 128)

@@ -234,7 +234,9 @@ def test_convert_to_orbax_and_load_round_trip(tmp_path, state_dict, fixture_conf
     directory = convert.convert(FIXTURE_WEIGHTS, tmp_path, fixture_config)
     assert directory == tmp_path / "checkpoints" / "0"
     loaded = convert.load_lrm(tmp_path)
-    assert convert.load_checkpoint_config(tmp_path).model.to_dict() == fixture_config.model.to_dict()
+    stored = convert.load_checkpoint_config(tmp_path)
+    assert stored.model.to_dict() == fixture_config.model.to_dict()
+    assert stored.inference.to_dict() == convert.OFFICIAL_INFERENCE  # the official input framing
     direct = model_from(state_dict, fixture_config.model)
     images, cameras = jnp.asarray(reference["input_image"]), jnp.asarray(reference["input_source_camera"])
     forward = nnx.jit(lambda model: model.forward_planes(images, cameras))

@@ -22,11 +22,17 @@ COMMANDS = {
     "inspect-data": ("vfusion3d_jax.data.inspect", "inspect_dataset", "statistics and a contact sheet of TFRecords"),
     "train": ("vfusion3d_jax.train.trainer", "train_command", "train the triplane LRM (sharded, resumable)"),
     "convert": ("vfusion3d_jax.models.convert", "convert_command", "import official VFusion3D weights into Orbax"),
+    "infer": ("vfusion3d_jax.inference.infer", "infer_command", "images to turntable videos and coloured meshes"),
+    "evaluate": ("vfusion3d_jax.inference.evaluate", "evaluate_command",
+                 "PSNR / SSIM / LPIPS / Chamfer of a checkpoint on held-out orbits"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file `path.py:variant`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the command.")
-flags.DEFINE_string("checkpoint", None, "A checkpoint: official weights (.pth/.safetensors) for `convert`.")
+flags.DEFINE_string("checkpoint", None, "`convert`: official weights (.pth/.safetensors); `infer`, `evaluate`: "
+                    "a training run's workdir or a `convert` output.")
+flags.DEFINE_string("inputs", None, "`infer`: an image, a folder of images or a glob.")
+flags.DEFINE_string("data", None, "`evaluate`: orbit TFRecords (a glob; several separated by commas).")
 
 
 def _usage() -> str:

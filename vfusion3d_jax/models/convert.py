@@ -51,6 +51,9 @@ from vfusion3d_jax.models.lrm import LRM, abstract_lrm
 
 CHECKPOINT_SUBDIR = "checkpoints"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# The official inferrer's input: the canonical source camera at distance 1 (cameras.
+# CANONICAL_SOURCE_CAM2WORLD) and objects recentred with a border ratio of 0.2.
+OFFICIAL_INFERENCE = dict(source_distance=1.0, border_ratio=0.2)
 # A key every official checkpoint has; whatever precedes it is the common prefix.
 ANCHOR_KEY = "camera_embedder.mlp.0.weight"
 
@@ -514,6 +517,9 @@ def convert(checkpoint: str | Path, workdir: str | Path, config: ml_collections.
                 "the checkpoint does not fit the config (pick another variant, override these fields, or omit "
                 "--config to infer them):\n  " + "\n  ".join(mismatches))
     params = import_state_dict(state_dict, config.model)
+    # The released weights expect the official inferrer's input (see configs/lrm.py `inference`).
+    config = config.copy_and_resolve_references()
+    config.inference = ml_collections.ConfigDict(OFFICIAL_INFERENCE)
     directory = save_checkpoint(workdir, params, config)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     logging.info("converted %s (%d tensors, %d parameters) into %s", checkpoint, len(state_dict), num_params,

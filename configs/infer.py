@@ -1,0 +1,82 @@
+"""Image to 3D (`infer`) and checkpoint evaluation (`evaluate`) settings.
+
+The model, its input size and its render samples come from the checkpoint (its stored config);
+these are the settings of the job. Variants:
+    infer     turntable video (MP4 + GIF), novel-view sheet and coloured mesh (.glb + .obj) per image
+    evaluate  metrics of held-out orbits: PSNR / SSIM / LPIPS per object, Chamfer distance of meshes
+
+    python -m vfusion3d_jax infer --checkpoint=runs/lrm_tiny --inputs=photos/ --workdir=runs/infer \
+        [--config=configs/infer.py --config.render_size=384 --config.num_frames=160]
+    python -m vfusion3d_jax evaluate --checkpoint=runs/lrm_tiny \
+        --data='data/tiny/shards/holdout-*.tfrecord' --workdir=runs/eval [--config=configs/infer.py:evaluate]
+
+A field left None takes the checkpoint's value. Field meanings are in the comments.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def _model_input(config: ml_collections.ConfigDict) -> None:
+    """How images reach the model; None = what the checkpoint's config says."""
+    # Side of the square encoder input (checkpoint: data.source_resolution; official 512).
+    config.source_size = config_dict.placeholder(int)
+    # Distance of the canonical source camera (checkpoint: inference.source_distance; official 1.0).
+    config.source_distance = config_dict.placeholder(float)
+    # Ray-marching samples per ray, coarse + importance (checkpoint: render.num_*; official 64 + 64).
+    config.num_coarse = config_dict.placeholder(int)
+    config.num_importance = config_dict.placeholder(int)
+    # Rays marched at once per object (memory bound); None = the renderer's backend default.
+    config.render_chunk_size = config_dict.placeholder(int)
+    # Objects per forward pass of the image-to-triplane network.
+    config.batch_size = 4
+    # Mesh: density grid side (official 512; coarse-to-fine, see rendering/mesh.py) and the
+    # iso-level on the activated density (official 1.0).
+    config.mesh_resolution = 256
+    config.mesh_threshold = 1.0
+
+
+def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.variant = variant
+    _model_input(config)
+    if variant == "infer":
+        # Foreground: the file's alpha channel when it has one, else a colour-key background
+        # removal (inference/preprocess.py). Recentring scales the object's bounding box to
+        # (1 - border_ratio) of the image, as the official inferrer (0.2); None = the checkpoint's
+        # inference.border_ratio (the framing it was trained on). recenter=False keeps the framing.
+        config.recenter = True
+        config.border_ratio = config_dict.placeholder(float)
+        # Turntable: frames on a circle at this elevation and radius (official: 160 frames at 40
+        # fps, elevation 0, radius 1.5), rendered at render_size^2 (official 384).
+        config.render_size = 256
+        config.num_frames = 80
+        config.fps = 20.0
+        config.elevation_deg = 0.0
+        config.radius = 1.5
+        # Novel-view sheet: this many views around the object at this elevation.
+        config.preview_views = 8
+        config.preview_elevation_deg = 20.0
+        # Views rendered per call (memory bound on large renders).
+        config.views_per_call = 8
+        config.export_mesh = True
+    elif variant == "evaluate":
+        # The view every orbit is reconstructed from; the others are compared.
+        config.source_view = 0
+        # Side of the compared views; None = the records' resolution.
+        config.resolution = config_dict.placeholder(int)
+        # At most this many orbits (None = all), in shard order.
+        config.max_objects = config_dict.placeholder(int)
+        # Chamfer distance of the exported mesh against the records' object/surface_points (when
+        # they have them), with this many points sampled on the mesh.
+        config.chamfer = True
+        config.mesh_resolution = 128
+        config.chamfer_points = 4096
+        # Rows of the sheet of the worst and of the best objects (by PSNR), and views per row.
+        config.sheet_rows = 4
+        config.sheet_views = 4
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose infer or evaluate")
+    return config
