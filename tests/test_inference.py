@@ -32,6 +32,7 @@ from vfusion3d_jax.inference import evaluate, infer, media
 from vfusion3d_jax.inference.reconstruct import Reconstructor
 from vfusion3d_jax.models import LRM, convert
 from vfusion3d_jax.rendering.triplane import query_grid
+from vfusion3d_jax.train.metrics import chamfer_distance
 
 NUM_FRAMES = 6
 
@@ -156,6 +157,21 @@ def test_source_camera_follows_the_checkpoint(checkpoint, tmp_path, reference):
 # Evaluation ----------------------------------------------------------------------------------
 
 
+def test_chamfer_distance_known_answers():
+    """The metric the surface points are for: mean of the two mean Euclidean nearest-neighbour distances."""
+    grid = np.stack(np.meshgrid(*[np.arange(4.0)] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
+    assert chamfer_distance(grid, grid) == dict(chamfer=0.0, accuracy=0.0, completeness=0.0)
+    shifted = chamfer_distance(grid + [0.1, 0.0, 0.0], grid)  # spacing 1: each point's nearest is its copy
+    for value in shifted.values():
+        assert value == pytest.approx(0.1)
+    partial = chamfer_distance(grid[:2], np.concatenate([grid[:2], [[0.0, 0.0, 4.0]]]))  # 3 from (0, 0, 1)
+    assert partial == pytest.approx(dict(chamfer=0.5, accuracy=0.0, completeness=1.0))  # a missed part
+    with pytest.raises(ValueError, match="points is empty"):
+        chamfer_distance(np.zeros((0, 3)), grid)
+    with pytest.raises(ValueError, match=r"reference must be \(N, 3\)"):
+        chamfer_distance(grid, grid[:, :2])
+
+
 def _tasks(data_dir: str, split: str = "*"):
     return list(evaluate.orbit_tasks(f"{data_dir}/shards/{split}-*.tfrecord", source_view=0, source_size=64))
 
@@ -222,3 +238,14 @@ def test_evaluate_command_on_a_checkpoint(tmp_path, checkpoint, data_dir):
         assert 0 < item["psnr"] < 40 and 0 < item["lpips"] < 1
         assert math.isnan(item["chamfer"]) and "empty mesh" in item["note"]  # random weights: no surface at 1.0
     assert "PSNR (dB)" in result.stdout and (tmp_path / "sheet.png").exists()
+
+
+def test_evaluate_meshes_are_compared_with_the_ground_truth(tmp_path, checkpoint, data_dir, infer_config):
+    config = load_config("infer.py:evaluate", mesh_resolution=24, mesh_threshold=infer_config.mesh_threshold,
+                         chamfer_points=512, sheet_rows=1)
+    report = evaluate.evaluate(checkpoint, f"{data_dir}/shards/holdout-*.tfrecord", tmp_path, config)
+    assert report["overall"]["empty_meshes"] == 0
+    for item in report["objects"]:
+        # A random model's surface is somewhere in the box: far from the object, but not further than the box.
+        assert 0.0 < item["accuracy"] < 2 * math.sqrt(3) and 0.0 < item["completeness"] < 2 * math.sqrt(3)
+        assert item["chamfer"] == pytest.approx(0.5 * (item["accuracy"] + item["completeness"]))

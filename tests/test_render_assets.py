@@ -17,7 +17,6 @@ from vfusion3d_jax.data.rasterize import Rasterizer
 from vfusion3d_jax.data.render_assets import (OrbitSettings, framing_extent, orbit_cameras, render_dataset,
                                               surface_points)
 from vfusion3d_jax.data.tfrecord import iterate_records
-from vfusion3d_jax.train.metrics import chamfer_distance
 
 
 def _builtin(name: str) -> assets.AssetSpec:
@@ -170,21 +169,6 @@ def test_surface_points_are_on_the_placed_triangles_and_seeded_by_the_id():
     assert np.mean(small) == pytest.approx(0.2, abs=0.03)  # areas 0.24 and 0.96
     np.testing.assert_array_equal(points, surface_points(scene, "two-boxes", settings))
     assert not np.array_equal(points, surface_points(scene, "other-id", settings))
-
-
-def test_chamfer_distance_known_answers():
-    """The metric the surface points are for: mean of the two mean Euclidean nearest-neighbour distances."""
-    grid = np.stack(np.meshgrid(*[np.arange(4.0)] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
-    assert chamfer_distance(grid, grid) == dict(chamfer=0.0, accuracy=0.0, completeness=0.0)
-    shifted = chamfer_distance(grid + [0.1, 0.0, 0.0], grid)  # spacing 1: each point's nearest is its copy
-    for value in shifted.values():
-        assert value == pytest.approx(0.1)
-    partial = chamfer_distance(grid[:2], np.concatenate([grid[:2], [[0.0, 0.0, 4.0]]]))  # 3 from (0, 0, 1)
-    assert partial == pytest.approx(dict(chamfer=0.5, accuracy=0.0, completeness=1.0))  # a missed part
-    with pytest.raises(ValueError, match="points is empty"):
-        chamfer_distance(np.zeros((0, 3)), grid)
-    with pytest.raises(ValueError, match=r"reference must be \(N, 3\)"):
-        chamfer_distance(grid, grid[:, :2])
 
 
 def _write_user_assets(folder):

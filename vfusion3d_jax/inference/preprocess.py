@@ -46,8 +46,6 @@ from scipy import ndimage
 MAX_PIXELS = 100_000_000
 # The official inferrer's recentring margin.
 DEFAULT_BORDER_RATIO = 0.2
-# What counts as an image when naming files, lower-case (find_images itself lists every file).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # PyTorch's bicubic coefficient (Pillow and OpenCV-area differ); the model saw this resize.
 _CUBIC_A = -0.75

@@ -1,0 +1,40 @@
+"""The README's main command: the whole system on embedded defaults, on a 2-core CPU.
+
+    python -m vfusion3d_jax demo --workdir=runs/demo [--config=configs/demo.py --config.lrm.train...]
+
+Stages (each a command of its own; the demo runs them in order, reusing finished work when
+started again): render the built-in assets (`render-data`, configs/data.py:demo), train the
+tiny LRM on them (`train`, configs/lrm.py:tiny with fewer steps), evaluate it on the held-out
+objects (`evaluate`), and reconstruct held-out images into turntables and meshes (`infer`).
+Each section below is the full config of its command, overridable on the command line.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from vfusion3d_jax.configs import load_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.data = load_config("data.py:demo")
+    # ~5 minutes of training on 2 cores: 32 px renders, then 64 px renders supervised by 32 px patches.
+    config.lrm = load_config("lrm.py:tiny")
+    for stage, steps in (("low_res", 200), ("high_res", 80), ("finetune", 40)):
+        config.lrm.train.stages[stage].num_steps = steps
+    config.lrm.train.checkpoint_every = 100
+    config.lrm.eval.every = 320  # the untrained model (step 0) and the trained one
+    config.lrm.eval.num_batches = 2
+    config.evaluate = load_config("infer.py:evaluate")
+    config.evaluate.mesh_resolution = 96
+    config.evaluate.sheet_rows = 3
+    config.infer = load_config("infer.py:infer")
+    config.infer.render_size = 128
+    config.infer.num_frames = 48
+    config.infer.fps = 16.0
+    config.infer.mesh_resolution = 128
+    # Held-out source views written as RGBA PNGs for `infer` (the user-image path: alpha,
+    # recentring, resizing).
+    config.num_images = 4
+    return config
