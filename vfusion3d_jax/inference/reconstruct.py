@@ -14,6 +14,8 @@ The forward pass is jitted once per batch shape; callers pad the last batch.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -61,6 +63,15 @@ class Reconstructor:
         self.graphdef, self.state = nnx.split(model)
         self._planes = jax.jit(self._planes_fn)
         self._render = jax.jit(self._render_fn, static_argnames=("resolution",))
+        # Mesh fields bind the decoder state and planes as a jax.tree_util.Partial: the mesh
+        # evaluators get them as inputs, not as constants that XLA folds at every compile.
+        decoder_graphdef, self._decoder_state = nnx.split(model.decoder)
+
+        def field(name: str, state: nnx.State, planes: jax.Array, points: jax.Array) -> jax.Array:
+            return query_points(nnx.merge(decoder_graphdef, state), planes, points[None])[name][0]
+
+        self._sigma = lambda state, planes, points: field("sigma", state, planes, points)[:, 0]
+        self._rgb = functools.partial(field, "rgb")
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, job_config: ml_collections.ConfigDict | None = None,
@@ -118,11 +129,10 @@ class Reconstructor:
              threshold: float = mesh_lib.DEFAULT_LEVEL, progress: bool = False) -> trimesh.Trimesh:
         """The coloured mesh of one object's planes (3, C, 2r, 2r): marching cubes of the density at
         `threshold`, vertex colours from the colour field. Raises mesh.EmptySurfaceError."""
-        decoder = self.model.decoder
         planes = jnp.asarray(planes)[None]
-        field = lambda points: query_points(decoder, planes, points[None])
-        return mesh_lib.extract_mesh(lambda p: field(p)["sigma"][0, :, 0], lambda p: field(p)["rgb"][0],
-                                     resolution=resolution, level=threshold,
+        density_fn, color_fn = (jax.tree_util.Partial(fn, self._decoder_state, planes)
+                                for fn in (self._sigma, self._rgb))
+        return mesh_lib.extract_mesh(density_fn, color_fn, resolution=resolution, level=threshold,
                                      coarse_resolution=(None if resolution <= mesh_lib.DEFAULT_COARSE_RESOLUTION
                                                         else mesh_lib.DEFAULT_COARSE_RESOLUTION),
                                      progress=progress)

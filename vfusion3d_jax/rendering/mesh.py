@@ -14,10 +14,12 @@ check), and the grid is filled coarse-to-fine (`density_grid_coarse_to_fine`) in
 which gives the same surface for everything the coarse grid can see (see its docstring).
 
 Fields are plain functions of a batch of points, `density_fn(points (P, 3)) -> (P,)` and
-`color_fn(points (P, 3)) -> (P, 3)` in [0, 1], so this module knows nothing about triplanes; the
-LRM passes closures over its decoder and planes. They run under `jax.jit` with static shapes: the
-grid is evaluated in cubic blocks of `block_size`^3 points, `chunk_size // block_size^3` blocks per
-call, the last call padded.
+`color_fn(points (P, 3)) -> (P, 3)` in [0, 1], so this module knows nothing about triplanes. They
+run under `jax.jit` with static shapes: the grid is evaluated in cubic blocks of `block_size`^3
+points, `chunk_size // block_size^3` blocks per call, the last call padded. A field that needs
+large arrays (planes, decoder weights) should be a `jax.tree_util.Partial` binding them: the
+evaluators take fields as jit arguments, so bound arrays arrive as inputs, where a closure's
+arrays would be baked into the program as constants (and constant-folded at every compile).
 """
 
 from __future__ import annotations
@@ -209,10 +211,20 @@ def evaluate_in_chunks(fn: PointFn, points: np.ndarray, chunk_size: int = DEFAUL
     chunk = min(chunk_size, 1 << max(num_points - 1, 0).bit_length())
     padded = np.zeros((-(-num_points // chunk) * chunk, 3), np.float32)
     padded[:num_points] = points
-    jitted = jax.jit(fn)
+    fn = _as_pytree(fn)
     outputs = [np.asarray(out) for out in _pipelined(
-        jitted(jnp.asarray(padded[start:start + chunk])) for start in range(0, len(padded), chunk))]
+        _apply(fn, jnp.asarray(padded[start:start + chunk])) for start in range(0, len(padded), chunk))]
     return np.concatenate(outputs)[:num_points]
+
+
+def _as_pytree(fn: PointFn) -> jax.tree_util.Partial:
+    """`fn` as a pytree (a Partial's bound arrays are its leaves; the function is static)."""
+    return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
+
+
+@jax.jit
+def _apply(fn: jax.tree_util.Partial, points: jax.Array) -> jax.Array:
+    return fn(points)
 
 
 class _BlockEvaluator:
@@ -227,9 +239,11 @@ class _BlockEvaluator:
         self.bounds = bounds
         offsets = np.stack(np.meshgrid(*[np.arange(block_size)] * 3, indexing="ij"), axis=-1)
         offsets = jnp.asarray(offsets.reshape(-1, 3), jnp.int32)
+        self.density_fn = _as_pytree(density_fn)
 
         @jax.jit
-        def evaluate_blocks(block_origins: jax.Array, last_index: jax.Array, step: jax.Array) -> jax.Array:
+        def evaluate_blocks(density_fn: jax.tree_util.Partial, block_origins: jax.Array, last_index: jax.Array,
+                            step: jax.Array) -> jax.Array:
             # Blocks overhanging the grid repeat its last plane: those values are cropped away,
             # and no point outside the bounds reaches the field.
             index = jnp.minimum(block_origins[:, None, :] + offsets, last_index)
@@ -265,7 +279,7 @@ class _BlockEvaluator:
                 batch = block_indices[start:start + self.blocks_per_call]
                 origins = np.zeros((self.blocks_per_call, 3), np.int32)
                 origins[:len(batch)] = batch * size
-                yield batch, self._evaluate_blocks(origins, np.int32(resolution - 1), step)
+                yield batch, self._evaluate_blocks(self.density_fn, origins, np.int32(resolution - 1), step)
 
         for batch, values in _pipelined(dispatch()):
             blocked[batch[:, 0], :, batch[:, 1], :, batch[:, 2], :] = np.asarray(values)[:len(batch)]
