@@ -15,8 +15,8 @@ is `configs/infer.py`: source size and ray samples come from the model config (t
 Every stage reports its first call (compilation + one run) and the median of --runs further
 calls (image → triplane: at least 2). A turntable's first call renders only V frames (one compiled
 call); the compile time shown is that call less V frames at the measured rate. Every mesh call
-compiles its own grid and colour evaluators (as every `infer` mesh does), so a mesh time always
-includes compilation and its median is over all --runs calls, the first included.
+compiles its own density-grid evaluator (as every `infer` mesh does; the colour evaluator is
+compiled once), so a mesh time includes compilation and its median is over all --runs calls.
 
 A random model's density never reaches the official iso-level 1.0 (`mesh` would raise
 EmptySurfaceError), so the threshold T is the --threshold_quantile (default: median) of the
@@ -163,7 +163,7 @@ def benchmark(variant: str, args) -> list[dict]:
             f"{mesh_lib.DEFAULT_LEVEL:g} {'never crossed' if sigma.max() <= mesh_lib.DEFAULT_LEVEL else 'crossed'})"
             if args.threshold is None else f"threshold {threshold:g} (given)")
     print(f"[{variant}] mesh {note}", flush=True)
-    # Every mesh call compiles its evaluators, so all `runs` calls (the first included) are alike.
+    # Every mesh call compiles its grid evaluator, so all `runs` calls (the first included) are alike.
     mesh, first = timed(lambda: reconstructor.mesh(planes[0], resolution=mesh_resolution, threshold=threshold))
     times = [first] + [timed(lambda: reconstructor.mesh(planes[0], resolution=mesh_resolution,
                                                         threshold=threshold))[1] for _ in range(runs - 1)]
