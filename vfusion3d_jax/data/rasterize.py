@@ -162,7 +162,7 @@ def _palette_part(vertices: np.ndarray, faces: np.ndarray, face_rgb: np.ndarray)
     )
 
 
-def _placed_geometries(mesh: trimesh.Trimesh | trimesh.Scene):
+def placed_geometries(mesh: trimesh.Trimesh | trimesh.Scene):
     """(geometry, world vertices, faces) of every triangle mesh; geometry is shared, not copied."""
     if isinstance(mesh, trimesh.Trimesh):
         yield mesh, np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces)
@@ -181,7 +181,7 @@ def _placed_geometries(mesh: trimesh.Trimesh | trimesh.Scene):
 def textured_parts(mesh: trimesh.Trimesh | trimesh.Scene) -> list[TexturedPart]:
     """The drawable parts of a mesh or scene (scene transforms applied); see the module docstring."""
     parts, textures = [], {}  # by content: parts often share one image, even when loaded twice
-    for geometry, vertices, faces in _placed_geometries(mesh):
+    for geometry, vertices, faces in placed_geometries(mesh):
         visual = geometry.visual
         if isinstance(visual, trimesh.visual.TextureVisuals):
             image, uv = _material_image(visual.material), visual.uv

@@ -45,7 +45,7 @@ from vfusion3d_jax import cameras
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data import assets
 from vfusion3d_jax.data.example import encode_orbit, read_metadata
-from vfusion3d_jax.data.rasterize import Lighting, Rasterizer
+from vfusion3d_jax.data.rasterize import Lighting, Rasterizer, placed_geometries
 from vfusion3d_jax.data.tfrecord import TFRecordWriter, iterate_records
 
 SPLITS = ("train", "holdout")
@@ -150,18 +150,15 @@ def orbit_cameras(object_id: str, settings: OrbitSettings) -> tuple[np.ndarray, 
 def surface_points(scene: trimesh.Scene, object_id: str, settings: OrbitSettings) -> np.ndarray:
     """float32 (P, 3) world points uniform by area on the scene's triangles; seeded by the object id.
 
-    The triangles are gathered bare (world vertices and faces only) rather than by
+    The triangles are gathered bare (the rasteriser's placed parts) rather than by
     `scene.to_geometry()`, which also merges materials and textures: up to 0.2 s for the
     many-part robots, and a way to fail that has nothing to do with the geometry.
     """
     vertices, faces, offset = [], [], 0
-    for node in scene.graph.nodes_geometry:
-        transform, name = scene.graph[node]
-        geometry = scene.geometry[name]
-        if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces):
-            vertices.append(trimesh.transform_points(geometry.vertices, transform))
-            faces.append(np.asarray(geometry.faces) + offset)
-            offset += len(geometry.vertices)
+    for _, part_vertices, part_faces in placed_geometries(scene):
+        vertices.append(part_vertices)
+        faces.append(part_faces + offset)
+        offset += len(part_vertices)
     if not faces:
         raise assets.AssetError(f"{object_id}: no triangles to sample surface points on")
     mesh = trimesh.Trimesh(np.concatenate(vertices), np.concatenate(faces), process=False)
