@@ -109,7 +109,7 @@ def first_and_median(fn, runs: int):
 def benchmark(variant: str, args) -> list[dict]:
     overrides = {} if args.dtype is None else {"model__dtype": args.dtype}
     config = load_config(f"lrm.py:{variant}", **overrides)
-    job = load_config("infer.py:infer")
+    job = load_config("infer.py:infer", batch_size=args.batch_size)
     runs = int(per_variant(args.runs, "runs", variant))
     frames = int(per_variant(args.frames, "frames", variant))
     render_size = int(per_variant(args.render_size, "render_size", variant))

@@ -45,7 +45,6 @@ from vfusion3d_jax.inference.reconstruct import Reconstructor
 from vfusion3d_jax.rendering.mesh import EmptySurfaceError
 from vfusion3d_jax.train import metrics
 
-LPIPS_NET = "alexnet"  # the network of the published reconstruction numbers
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
 
 
@@ -109,11 +108,8 @@ def model_predictor(reconstructor: Reconstructor, config: ml_collections.ConfigD
     """The checkpoint's reconstructions: planes in batches, renders and meshes per object."""
 
     def predict(tasks: list[OrbitTask]) -> list[Prediction]:
-        images = np.stack([task.source_image for task in tasks])
-        source_cameras = np.stack([task.source_camera for task in tasks])
-        pad = config.batch_size - len(tasks)
-        planes = reconstructor.planes(np.concatenate([images, np.repeat(images[-1:], pad, 0)]),
-                                      np.concatenate([source_cameras, np.repeat(source_cameras[-1:], pad, 0)]))
+        planes = reconstructor.planes(np.stack([task.source_image for task in tasks]),
+                                      np.stack([task.source_camera for task in tasks]))
         predictions = []
         for index, task in enumerate(tasks):
             rendered = reconstructor.render(planes[index:index + 1], task.target_cameras,
@@ -132,15 +128,7 @@ def model_predictor(reconstructor: Reconstructor, config: ml_collections.ConfigD
     return predict
 
 
-@jax.jit
-def _image_metrics(images, references, lpips_params):
-    return dict(psnr=metrics.psnr(images, references), ssim=metrics.ssim(images, references),
-                lpips=metrics.lpips(lpips_params, images, references, LPIPS_NET))
-
-
-@jax.jit
-def _image_metrics_without_lpips(images, references):
-    return dict(psnr=metrics.psnr(images, references), ssim=metrics.ssim(images, references))
+_image_metrics = jax.jit(metrics.image_metrics)
 
 
 def object_metrics(task: OrbitTask, prediction: Prediction, lpips_params) -> dict:
@@ -149,10 +137,10 @@ def object_metrics(task: OrbitTask, prediction: Prediction, lpips_params) -> dic
         raise ValueError(f"{task.object_id}: prediction {prediction.images.shape} != targets "
                          f"{task.target_images.shape}")
     images, references = np.asarray(prediction.images, np.float32), task.target_images
-    if min(images.shape[1:3]) >= metrics.LPIPS_MIN_SIZE[LPIPS_NET]:
+    if min(images.shape[1:3]) >= metrics.LPIPS_MIN_SIZE[metrics.EVAL_LPIPS_NET]:
         per_view = _image_metrics(images, references, lpips_params)
     else:  # too small for AlexNet's pooling: no LPIPS rather than a wrong one
-        per_view = dict(_image_metrics_without_lpips(images, references), lpips=np.full(len(images), np.nan))
+        per_view = dict(_image_metrics(images, references), lpips=np.full(len(images), np.nan))
     result = dict(object_id=task.object_id, num_views=len(images),
                   **{name: float(np.mean(np.asarray(per_view[name], np.float64))) for name in IMAGE_METRICS})
     if task.surface_points is not None:
@@ -167,19 +155,19 @@ def evaluate_orbits(tasks: Iterable[OrbitTask], predict: Predictor, *, batch_siz
                     lpips_params=None, keep: int = 4, progress: bool = True) -> dict:
     """Per-object metrics of every task, their means, and thumbnails for the sheet.
 
-    Returns dict(objects=[...], overall={...}, thumbnails={object_id: (source, targets, renders)})
-    where thumbnails hold `keep` evenly spread views per object (uint8).
+    Returns dict(objects=[...], overall={...}, rows={object_id: uint8 comparison row}) where
+    a row is source | `keep` evenly spread target views | the same views rendered.
     """
-    lpips_params = lpips_params if lpips_params is not None else metrics.load_lpips_params(LPIPS_NET)
-    objects, thumbnails, batch = [], {}, []
+    lpips_params = lpips_params if lpips_params is not None else metrics.load_lpips_params(metrics.EVAL_LPIPS_NET)
+    objects, rows, batch = [], {}, []
     bar = tqdm.tqdm(desc="evaluate", unit="object", disable=not progress)
 
     def flush() -> None:
         for task, prediction in zip(batch, predict(batch)):
             objects.append(object_metrics(task, prediction, lpips_params))
             views = np.linspace(0, len(task.target_images) - 1, min(keep, len(task.target_images))).round().astype(int)
-            thumbnails[task.object_id] = (media.to_uint8(task.source_image), media.to_uint8(task.target_images[views]),
-                                          media.to_uint8(prediction.images[views]))
+            rows[task.object_id] = media.to_uint8(media.comparison_row(
+                task.source_image, task.target_images[views], prediction.images[views]))
             bar.update()
         batch.clear()
 
@@ -192,7 +180,7 @@ def evaluate_orbits(tasks: Iterable[OrbitTask], predict: Predictor, *, batch_siz
     bar.close()
     if not objects:
         raise ValueError("no orbits to evaluate")
-    return dict(objects=objects, overall=overall_metrics(objects), thumbnails=thumbnails)
+    return dict(objects=objects, overall=overall_metrics(objects), rows=rows)
 
 
 def overall_metrics(objects: list[dict]) -> dict:
@@ -243,13 +231,8 @@ def worst_and_best_sheet(report: dict, rows: int) -> np.ndarray:
     """Rows of the `rows` worst then the `rows` best objects by PSNR: source | targets | renders."""
     ranked = sorted(report["objects"], key=lambda o: o["psnr"])
     chosen = ranked if len(ranked) <= 2 * rows else ranked[:rows] + ranked[-rows:]
-    lines = []
-    for item in chosen:
-        source, targets, renders = report["thumbnails"][item["object_id"]]
-        size = targets.shape[1]
-        source = media.resize(source, size)
-        lines.append((f"{item['object_id']}  PSNR {item['psnr']:.2f}", np.concatenate([source, *targets, *renders], 1)))
-    return media.labelled_rows(lines)
+    return media.labelled_rows([(f"{item['object_id']}  PSNR {item['psnr']:.2f}", report["rows"][item["object_id"]])
+                                for item in chosen])
 
 
 def write_report(report: dict, workdir: str | Path, *, sheet_rows: int, extra: dict | None = None) -> dict:

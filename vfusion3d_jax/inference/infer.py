@@ -11,7 +11,7 @@ Per image, under OUT/<image name>/:
 and OUT/summary.json: every input with its outputs, or the reason it was skipped. A bad file
 (unreadable, empty, not an image, no foreground, over the size limit) is skipped with a message
 and never stops the others; neither does a failure while writing one image's outputs. Images go
-through the network `batch_size` at a time (the last batch padded: one compiled shape).
+through the network `batch_size` at a time.
 """
 
 from __future__ import annotations
@@ -89,9 +89,7 @@ def infer(checkpoint: str, inputs, workdir: str | Path, config: ml_collections.C
                 _skip(summary, path, str(error), bar)
         if not batch:
             continue
-        images = np.stack([prepared.image for _, prepared in batch])
-        padded = np.concatenate([images, np.repeat(images[-1:], config.batch_size - len(batch), axis=0)])
-        planes = reconstructor.planes(padded)
+        planes = reconstructor.planes(np.stack([prepared.image for _, prepared in batch]))
         for index, (path, prepared) in enumerate(batch):
             try:
                 outputs = write_outputs(reconstructor, planes[index:index + 1], prepared, workdir / names[path], config)

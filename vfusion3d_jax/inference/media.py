@@ -160,12 +160,12 @@ def labelled_rows(rows: list[tuple[str, np.ndarray]], *, pad: int = 2) -> np.nda
     return np.asarray(sheet)
 
 
-def resize(image, size: int) -> np.ndarray:
-    """A (H, W, 3|4) image resized to size x size (bicubic), uint8."""
-    image = to_uint8(image)
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+def comparison_row(source, targets, renders) -> np.ndarray:
+    """One object's row, float32 in [0, 1]: source | target views | rendered views, the source
+    resized (bicubic) to the views' square size. source (S, S, 3); targets, renders (K, H, H, 3)."""
+    size = np.shape(targets)[1]
+    source = Image.fromarray(to_uint8(source)).resize((size, size), Image.Resampling.BICUBIC)
+    return np.concatenate([np.asarray(source, np.float32) / 255.0, *targets, *renders], axis=1)
 
 
 def write_png(image, path: str | os.PathLike) -> Path:

@@ -9,7 +9,7 @@ Both checkpoint kinds share one layout (`<dir>/checkpoints/<step>/{model,config}
 stored config says how to feed the model (`config.inference`: the source camera's distance and
 the object framing; absent in old checkpoints, which get the official values). Rendering is
 deterministic (stratified midpoints), so a video does not flicker and a metric is repeatable.
-The forward pass is jitted once per batch shape; callers pad the last batch.
+The forward pass sees `batch_size` images per call (the last call padded), one compiled shape.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Reconstructor:
         inference = model_config.get("inference", None) or ml_collections.ConfigDict(OFFICIAL_INFERENCE)
         self.model_config = model_config
         self.source_size = int(resolve(job.get("source_size"), model_config.data.source_resolution))
+        self.batch_size = int(job.get("batch_size") or 1)
         self.source_distance = float(resolve(job.get("source_distance"), inference.source_distance))
         self.border_ratio = float(resolve(job.get("border_ratio"), inference.border_ratio))
         self.options = RenderOptions(
@@ -99,14 +100,20 @@ class Reconstructor:
     def planes(self, images: np.ndarray, source_cameras: np.ndarray | None = None) -> jax.Array:
         """Images (N, S, S, 3) in [0, 1] over white (S = `source_size`) → planes (N, 3, C, 2r, 2r).
 
-        `source_cameras` (N, 16) default to the canonical camera at `source_distance`.
+        `source_cameras` (N, 16) default to the canonical camera at `source_distance`. The
+        network sees `batch_size` images per call, the last call padded: one compiled shape.
         """
         images = np.asarray(images, np.float32)
-        if images.ndim != 4 or images.shape[1:] != (self.source_size, self.source_size, 3):
+        if images.ndim != 4 or images.shape[1:] != (self.source_size, self.source_size, 3) or not len(images):
             raise ValueError(f"images must be (N, {self.source_size}, {self.source_size}, 3), got {images.shape}")
         if source_cameras is None:
             source_cameras = np.broadcast_to(self.source_camera, (len(images),) + self.source_camera.shape)
-        return self._planes(self.state, jnp.asarray(images), jnp.asarray(source_cameras, jnp.float32))
+        count, size = len(images), self.batch_size
+        pad = lambda x: np.concatenate([x, np.repeat(x[-1:], -count % size, axis=0)])
+        images, source_cameras = pad(images), pad(np.asarray(source_cameras, np.float32))
+        planes = [self._planes(self.state, jnp.asarray(images[i:i + size]), jnp.asarray(source_cameras[i:i + size]))
+                  for i in range(0, len(images), size)]
+        return jnp.concatenate(planes)[:count]
 
     def render(self, planes: jax.Array, render_cameras: np.ndarray, *, resolution: int,
                views_per_call: int | None = None) -> np.ndarray:

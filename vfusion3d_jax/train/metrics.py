@@ -28,6 +28,8 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 LPIPS_NETS = ("alexnet", "vgg16")
+# The network of the published reconstruction numbers (training's eval and `evaluate`).
+EVAL_LPIPS_NET = "alexnet"
 # Below this size the backbones' pooling leaves an empty feature map (and a NaN mean).
 LPIPS_MIN_SIZE = {"alexnet": 32, "vgg16": 16}
 
@@ -131,3 +133,13 @@ def chamfer_distance(points: np.ndarray, reference: np.ndarray) -> dict[str, flo
     accuracy = float(np.mean(cKDTree(reference).query(points)[0]))
     completeness = float(np.mean(cKDTree(points).query(reference)[0]))
     return dict(chamfer=0.5 * (accuracy + completeness), accuracy=accuracy, completeness=completeness)
+
+
+def image_metrics(images: jax.Array, references: jax.Array, lpips_params: dict[str, Any] | None = None
+                  ) -> dict[str, jax.Array]:
+    """PSNR, SSIM and, when `lpips_params` (of EVAL_LPIPS_NET) are given, LPIPS per image: the
+    novel-view metrics of training's eval and of `evaluate`."""
+    values = dict(psnr=psnr(images, references), ssim=ssim(images, references))
+    if lpips_params is not None:
+        values["lpips"] = lpips(lpips_params, images, references, EVAL_LPIPS_NET)
+    return values

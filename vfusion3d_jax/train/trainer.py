@@ -54,13 +54,12 @@ from PIL import Image
 from tensorboardX import SummaryWriter
 
 from vfusion3d_jax.data import pipeline
+from vfusion3d_jax.inference import media
 from vfusion3d_jax.models import LRM, count_parameters
 from vfusion3d_jax.rendering import RenderOptions
 from vfusion3d_jax.train import checkpointing, losses, metrics
 from vfusion3d_jax.train import optimizer as optimizer_lib
 from vfusion3d_jax.train import sharding
-
-EVAL_LPIPS_NET = "alexnet"  # the network of the published reconstruction numbers
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -301,11 +300,7 @@ def make_eval_step(config: ml_collections.ConfigDict, state: TrainState, mesh: j
                          resolution=targets.shape[2], options=options)
         images = jnp.clip(rendered["rgb"], 0.0, 1.0)
         flat = lambda z: z.reshape((-1,) + z.shape[2:])
-        per_view = dict(
-            psnr=metrics.psnr(flat(images), flat(targets)),
-            ssim=metrics.ssim(flat(images), flat(targets)),
-            lpips=metrics.lpips(lpips_params, flat(images), flat(targets), EVAL_LPIPS_NET),
-        )
+        per_view = metrics.image_metrics(flat(images), flat(targets), lpips_params)
         return per_view, images
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -364,13 +359,7 @@ class MetricsLog:
 
 def image_grid(sources: np.ndarray, targets: np.ndarray, renders: np.ndarray, rows: int) -> np.ndarray:
     """One row per example: source | target views | rendered views, all resized to the target size."""
-    size = targets.shape[2]
-    rows = min(rows, sources.shape[0])
-    lines = []
-    for i in range(rows):
-        source = np.asarray(Image.fromarray(np.uint8(np.clip(sources[i], 0, 1) * 255)).resize((size, size))) / 255.0
-        lines.append(np.concatenate([source, *targets[i], *renders[i]], axis=1))
-    return np.concatenate(lines, axis=0)
+    return np.concatenate([media.comparison_row(*example) for example in list(zip(sources, targets, renders))[:rows]])
 
 
 # --------------------------------------------------------------------------- loops
@@ -544,7 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         loss_lpips = (jax.device_put(metrics.load_lpips_params(config.train.loss.lpips_net), replicated)
                       if losses.uses_lpips(config.train.loss) else None)
-        eval_lpips = jax.device_put(metrics.load_lpips_params(EVAL_LPIPS_NET), replicated)
+        eval_lpips = jax.device_put(metrics.load_lpips_params(metrics.EVAL_LPIPS_NET), replicated)
         batch_spec = sharding.batch_spec(rules)
         log = MetricsLog(workdir)
         progress = tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
