@@ -1,7 +1,7 @@
 """The triplane LRM (VFusion3D): model variants, render settings, input pipeline and mesh.
 
 Variants (parameter counts from `vfusion3d_jax.models.lrm.count_parameters`):
-    fixture   the tiny random model of shared/fixtures/vfusion3d_reference (285,436)
+    fixture   the tiny random model of tests/fixtures/vfusion3d_reference (285,436)
     tiny      trains on a laptop CPU in minutes                              (786,516)
     small     DINOv2-S encoder, 512-wide transformer                         (67,960,932)
     base      DINOv2-B encoder, 768-wide transformer                         (244,548,340)

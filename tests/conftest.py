@@ -14,14 +14,11 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vfusion3d_reference"
-if not FIXTURE_DIR.exists():  # a checkout with shared/ inside it
-    FIXTURE_DIR = Path(__file__).resolve().parents[1] / "shared" / "fixtures" / "vfusion3d_reference"
+# The official code's outputs on a tiny random model; part of the repository (see its README.md).
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "vfusion3d_reference"
 
 
 @pytest.fixture(scope="session")
 def reference():
-    """The official VFusion3D reference arrays (see shared/fixtures/vfusion3d_reference/README.md)."""
-    if not FIXTURE_DIR.exists():
-        pytest.fail(f"reference fixture not found at {FIXTURE_DIR}")
+    """The official VFusion3D reference arrays (see tests/fixtures/vfusion3d_reference/README.md)."""
     return dict(np.load(FIXTURE_DIR / "reference.npz"))

@@ -144,7 +144,7 @@ def test_source_camera_follows_the_checkpoint(checkpoint, tmp_path, reference):
     np.testing.assert_allclose(ours.source_camera[[3, 7, 11]], [1.5, 0.0, 0.0])
     assert ours.border_ratio == pytest.approx(0.55)
     # Converted official weights: the official canonical camera (distance 1) and border 0.2, and
-    # the planes of the official model (shared/fixtures reference) through the inference path.
+    # the planes of the official model (tests/fixtures reference) through the inference path.
     convert.convert(FIXTURE_DIR / "model.safetensors", tmp_path, load_config("lrm.py:fixture"))
     official = Reconstructor.from_checkpoint(str(tmp_path))
     np.testing.assert_allclose(official.source_camera, cameras.canonical_source_camera())

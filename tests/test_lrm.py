@@ -1,6 +1,6 @@
 """The LRM against the official reference: weight import, stage-by-stage parity, checkpoints.
 
-The tiny random official model (shared/fixtures/vfusion3d_reference/model.safetensors) is
+The tiny random official model (tests/fixtures/vfusion3d_reference/model.safetensors) is
 imported with the same code path as the released checkpoint and every stage is compared with
 the official PyTorch outputs. `tests/data/tiny_torch_checkpoint.pth` was written once by
 torch 2.13 `torch.save` (a state dict with a transposed, a float16, a bfloat16, a shared-storage

@@ -6,7 +6,7 @@
         ModLN → MLP] × L──▶ LayerNorm ──per-plane 2x2 stride-2 deconv──▶ planes (N, 3, C, 2r, 2r)
     planes + render cameras (N, M, 25) ──TriplaneDecoder + ray marching──▶ images
 
-Numerically equal to the official `LRMGenerator` (see shared/fixtures/vfusion3d_reference);
+Numerically equal to the official `LRMGenerator` (see tests/fixtures/vfusion3d_reference);
 `vfusion3d_jax.models.convert` imports its weights. Images are channel-first (NCHW) like the
 official model and the planes; the renderer returns channels-last images.
 """

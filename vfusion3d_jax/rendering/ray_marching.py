@@ -3,7 +3,7 @@
 Every function works on arrays with any leading batch shape and the samples of a ray on the last
 axis, and reproduces the official arithmetic (`ImportanceRenderer`, `MipRayMarcher2`,
 `get_ray_limits_box`) including its quirks, as specified in
-shared/fixtures/vfusion3d_reference/README.md:
+tests/fixtures/vfusion3d_reference/README.md:
 
 * `intersect_box`: slab test; rays that miss get tmin = -1, tmax = -2 (t is not clamped to >= 0).
 * `fix_missed_rays`: missing rays get the [min, max] of the valid rays' *starts* (a reduction over
