@@ -123,21 +123,6 @@ def test_stale_index_is_rebuilt(tmp_path):
     assert [tfrecord.read_record(path, o, n) for o, n in index] == new_records
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a read-only directory")
-def test_index_of_read_only_directory_is_kept_in_memory(tmp_path):
-    records = _records(6, seed=7)
-    path = tmp_path / "ro.tfrecord"
-    _write_shard(path, records)
-    os.remove(tfrecord.index_path(path))
-    os.chmod(tmp_path, 0o555)
-    try:
-        index = tfrecord.read_index(path)
-        assert not os.path.exists(tfrecord.index_path(path))
-        assert [tfrecord.read_record(path, o, n) for o, n in index] == records
-    finally:
-        os.chmod(tmp_path, 0o755)
-
-
 def test_truncated_shard_is_reported(tmp_path):
     path = tmp_path / "cut.tfrecord"
     _write_shard(path, _records(3, seed=8))

@@ -30,6 +30,15 @@ Cameras follow `vfusion3d_jax.cameras` (the official model's conventions), so
 `cameras.source_camera` and `cameras.render_camera` apply to the decoded arrays directly.
 PNG decoding is the cost of reading a record; `decode_orbit(record, views=...)` decodes only
 the views asked for.
+
+**Required and derived features.** A record must have `views/image`, `views/cam2world`,
+`views/intrinsics`, `object/id`, `object/source`, `meta/elevation_deg` and `meta/quality`
+(the data contract). `encode_orbit` also writes `views/count`, `views/height`,
+`views/width`, `views/azimuth_deg` and `meta/schema_version`, but other writers need not:
+when absent, the count is the number of images, the size that of the first PNG (read from
+its header) and the azimuths those of the camera positions, exactly as `encode_orbit`
+computes them by default (degrees from +x towards +y in [0, 360)). When present they are
+checked against the record like any other feature.
 """
 
 from __future__ import annotations
@@ -155,23 +164,47 @@ def _scalar(example: tf_example_pb2.Example, key: str, kind: str):
     return _values(example, key, kind, count=1)[0]
 
 
+def _optional_scalar(example: tf_example_pb2.Example, key: str, kind: str):
+    """The feature's single value, None when the record does not have it (a wrong type is still an error)."""
+    return _scalar(example, key, kind) if key in example.features.feature else None
+
+
+def _png_size(png: bytes, object_id: str) -> tuple[int, int]:
+    """(height, width) of a PNG from its header; the pixels are not decoded."""
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            width, height = image.size
+    except (OSError, ValueError) as error:
+        raise OrbitSchemaError(f"view 0 of {object_id!r} is not a readable image ({error})") from None
+    return height, width
+
+
 def read_metadata(record: bytes | tf_example_pb2.Example) -> OrbitMetadata:
     """The scalar features of an orbit record, validated."""
     example = parse_example(record)
-    metadata = OrbitMetadata(
-        object_id=_scalar(example, "object/id", "bytes_list").decode("utf-8"),
-        source=_scalar(example, "object/source", "bytes_list").decode("utf-8"),
-        elevation_deg=float(_scalar(example, "meta/elevation_deg", "float_list")),
-        quality=float(_scalar(example, "meta/quality", "float_list")),
-        num_views=int(_scalar(example, "views/count", "int64_list")),
-        height=int(_scalar(example, "views/height", "int64_list")),
-        width=int(_scalar(example, "views/width", "int64_list")),
-    )
-    if metadata.source not in SOURCES:
-        raise OrbitSchemaError(f"object/source of {metadata.object_id!r} is {metadata.source!r}, expected one of {SOURCES}")
-    if metadata.num_views < 1:
-        raise OrbitSchemaError(f"orbit {metadata.object_id!r} has views/count {metadata.num_views}")
-    return metadata
+    object_id = _scalar(example, "object/id", "bytes_list").decode("utf-8")
+    source = _scalar(example, "object/source", "bytes_list").decode("utf-8")
+    if source not in SOURCES:
+        raise OrbitSchemaError(f"object/source of {object_id!r} is {source!r}, expected one of {SOURCES}")
+    pngs = _values(example, "views/image", "bytes_list")
+    num_views = _optional_scalar(example, "views/count", "int64_list")
+    if num_views is None:
+        num_views = len(pngs)
+    elif num_views != len(pngs):
+        raise OrbitSchemaError(f"feature 'views/image' has {len(pngs)} values, expected {num_views} "
+                               f"(views/count of {object_id!r})")
+    if num_views < 1:
+        raise OrbitSchemaError(f"orbit {object_id!r} has no views")
+    height = _optional_scalar(example, "views/height", "int64_list")
+    width = _optional_scalar(example, "views/width", "int64_list")
+    if height is None or width is None:
+        png_height, png_width = _png_size(pngs[0], object_id)
+        height = png_height if height is None else height
+        width = png_width if width is None else width
+    return OrbitMetadata(object_id=object_id, source=source,
+                         elevation_deg=float(_scalar(example, "meta/elevation_deg", "float_list")),
+                         quality=float(_scalar(example, "meta/quality", "float_list")),
+                         num_views=int(num_views), height=int(height), width=int(width))
 
 
 def _decode_png(png: bytes, height: int, width: int, object_id: str, view: int) -> np.ndarray:
@@ -214,7 +247,10 @@ def decode_orbit(record: bytes | tf_example_pb2.Example, *, views: Sequence[int]
     pngs = _values(example, "views/image", "bytes_list", num_views)
     cam2world = np.asarray(_values(example, "views/cam2world", "float_list", num_views * 16), np.float32)
     intrinsics = np.asarray(_values(example, "views/intrinsics", "float_list", num_views * 9), np.float32)
-    azimuths = np.asarray(_values(example, "views/azimuth_deg", "float_list", num_views), np.float32)
+    if "views/azimuth_deg" in example.features.feature:
+        azimuths = np.asarray(_values(example, "views/azimuth_deg", "float_list", num_views), np.float32)
+    else:
+        azimuths = _azimuths_from_cameras(cam2world.reshape(num_views, 4, 4)).astype(np.float32)
     images = [_decode_png(pngs[v], metadata.height, metadata.width, metadata.object_id, v) for v in view_indices]
     return {
         "images": np.stack(images) if images else np.zeros((0, metadata.height, metadata.width, 4), np.uint8),

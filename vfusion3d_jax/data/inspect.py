@@ -8,7 +8,9 @@ such as `train` or `holdout`), image sizes, an elevation histogram, quality, for
 fraction (mean alpha) and border-touching views, and the camera radius and focal ranges.
 Writes `contact_sheet.png` (rows = objects, columns = views, a label above each row,
 images composited on grey so the alpha mask shows) and `inspect.json` to OUT, by default
-the folder of the data. Image statistics come from at most `MAX_DECODED_RECORDS` records,
+the folder of the data when it is local and writable, else a folder in the cache directory
+(`data.storage`): a reader never writes into a data folder it may not own. Records need only
+the contract's required features (`data.example`). Image statistics come from at most `MAX_DECODED_RECORDS` records,
 evenly spread; counts and cameras from every record.
 """
 
@@ -24,6 +26,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vfusion3d_jax.data import storage
 from vfusion3d_jax.data.example import decode_orbit, parse_example, read_metadata
 from vfusion3d_jax.data.tfrecord import iterate_records, read_index
 
@@ -173,12 +176,15 @@ def format_statistics(statistics: dict) -> str:
 
 
 def _default_output_dir(path: str) -> str:
+    """The data's folder when a reader may write there, else the data's folder in the cache."""
     if os.path.isdir(path):
-        return path
-    if os.path.isfile(path):
-        return os.path.dirname(path) or "."
-    fixed_prefix = re.split(r"[*?\[]", path, maxsplit=1)[0]
-    return os.path.dirname(fixed_prefix) or "."
+        data_dir = path
+    elif os.path.isfile(path):
+        data_dir = os.path.dirname(path) or "."
+    else:
+        fixed_prefix = re.split(r"[*?\[]", path, maxsplit=1)[0]
+        data_dir = os.path.dirname(fixed_prefix) or "."
+    return data_dir if storage.may_write(data_dir) else storage.cache_path("inspect", data_dir)
 
 
 def inspect_dataset(config, workdir: str | None, args: list[str]) -> dict:

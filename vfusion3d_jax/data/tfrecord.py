@@ -11,7 +11,9 @@ Beside each shard `TFRecordWriter` writes an index, `index_path(shard)`: a `.npy
 uint64 (offset, length) rows, one per record, where `offset` is the byte position of the
 record's frame and `length` its data length. Grain's random access (global shuffle, exact
 resume) reads it. Shards from other tools have no index; `read_index` builds one by scanning
-the frame headers (no data is read) and saves it when it can.
+the frame headers (no data is read) and keeps it: beside the shard when the folder is local
+and writable, otherwise in the cache directory (`data.storage`), so a reader never writes
+into a data folder it may not own; in memory when neither can be written.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import google_crc32c
 import numpy as np
 from absl import logging
 
+from vfusion3d_jax.data import storage
+
 _HEADER_BYTES = 12  # uint64 length + uint32 masked CRC of the length
 _FOOTER_BYTES = 4  # uint32 masked CRC of the data
 _MASK_DELTA = 0xA282EAD8
 _UINT32 = 0xFFFFFFFF
 
-# Indexes of shards in directories we may not write to, keyed by (path, size, mtime_ns).
+# Indexes that could be saved neither beside their shard nor in the cache, keyed by (path, size, mtime_ns).
 _UNSAVED_INDEXES: dict[tuple[str, int, int], np.ndarray] = {}
 _UNSAVED_INDEXES_LOCK = threading.Lock()
 
@@ -113,7 +117,7 @@ class TFRecordWriter:
         # Data first: a crash between the renames leaves a shard without an index, which
         # `read_index` rebuilds; the reverse order could pair a new index with old data.
         os.replace(self._temp_path, self.path)
-        _save_index(self.path, np.asarray(self._entries, dtype=np.uint64).reshape(-1, 2))
+        _save_index(index_path(self.path), np.asarray(self._entries, dtype=np.uint64).reshape(-1, 2))
 
     def abort(self) -> None:
         """Drops everything written; no shard or index appears."""
@@ -132,13 +136,14 @@ class TFRecordWriter:
             self.abort()
 
 
-def _save_index(path: str, index: np.ndarray) -> None:
-    directory, name = os.path.split(os.path.abspath(index_path(path)))
+def _save_index(destination: str, index: np.ndarray) -> None:
+    """Writes `index` to `destination` atomically (a temporary name, then a rename)."""
+    directory, name = os.path.split(os.path.abspath(destination))
     temp_path = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
         with open(temp_path, "wb") as file:
             np.save(file, index, allow_pickle=False)
-        os.replace(temp_path, index_path(path))
+        os.replace(temp_path, destination)
     except BaseException:
         if os.path.exists(temp_path):
             os.remove(temp_path)
@@ -180,33 +185,60 @@ def build_index(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(entries, dtype=np.uint64).reshape(-1, 2)
 
 
+def cached_index_path(path: str | os.PathLike) -> str:
+    """Where the index of a shard in a folder we may not write to is kept: the cache directory.
+
+    The name depends on the shard's real path, size and modification time, so a rewritten
+    shard never meets the index of its old contents.
+    """
+    stat = os.stat(path)
+    return storage.cache_path("tfrecord_index", path, stat.st_size, stat.st_mtime_ns) + ".index"
+
+
+def _load_index(path: str) -> np.ndarray | None:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:  # unreadable or not an .npy: treated as stale
+        logging.warning("cannot read index %s (%s); rebuilding it", path, error)
+        return np.zeros((0, 0), np.uint64)
+
+
 def read_index(path: str | os.PathLike) -> np.ndarray:
     """The (N, 2) uint64 (offset, length) index of a shard, built by a scan when missing or stale.
 
-    A built index is saved beside the shard when the directory is writable, and otherwise kept
-    in memory for the life of the process.
+    An index beside the shard is used when it matches the file. Otherwise the index is built
+    and kept beside the shard when its folder is local and writable (`storage.may_write`),
+    else in the cache directory (`cached_index_path`), else, when that cannot be written
+    either, in memory for the life of the process.
     """
     path = os.fspath(path)
     stat = os.stat(path)
-    try:
-        index = np.load(index_path(path), allow_pickle=False)
-    except FileNotFoundError:
-        index = None
+    index = _load_index(index_path(path))
     if index is not None:
         if _index_matches_file(index, stat.st_size):
             return index
         logging.warning("index %s does not match %s (stale or foreign); rebuilding it", index_path(path), path)
-    cache_key = (path, stat.st_size, stat.st_mtime_ns)
+    memory_key = (path, stat.st_size, stat.st_mtime_ns)
     with _UNSAVED_INDEXES_LOCK:
-        if cache_key in _UNSAVED_INDEXES:
-            return _UNSAVED_INDEXES[cache_key]
+        if memory_key in _UNSAVED_INDEXES:
+            return _UNSAVED_INDEXES[memory_key]
+    if storage.may_write(os.path.dirname(os.path.abspath(path))):
+        destination = index_path(path)
+    else:
+        destination = cached_index_path(path)
+        index = _load_index(destination)
+        if index is not None and _index_matches_file(index, stat.st_size):
+            return index
     index = build_index(path)
     try:
-        _save_index(path, index)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        _save_index(destination, index)
     except OSError as error:
-        logging.info("cannot save index for %s (%s); keeping it in memory", path, error)
+        logging.info("cannot save the index of %s to %s (%s); keeping it in memory", path, destination, error)
         with _UNSAVED_INDEXES_LOCK:
-            _UNSAVED_INDEXES[cache_key] = index
+            _UNSAVED_INDEXES[memory_key] = index
     return index
 
 
