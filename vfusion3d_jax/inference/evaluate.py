@@ -35,7 +35,7 @@ import tqdm
 import trimesh
 from absl import app, flags, logging
 
-from vfusion3d_jax import cameras
+from vfusion3d_jax import cameras, visualize
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data.example import decode_orbit
 from vfusion3d_jax.data.pipeline import composite_on_white, expand_paths, resize_rgba, source_world_change
@@ -166,7 +166,7 @@ def evaluate_orbits(tasks: Iterable[OrbitTask], predict: Predictor, *, batch_siz
         for task, prediction in zip(batch, predict(batch)):
             objects.append(object_metrics(task, prediction, lpips_params))
             views = np.linspace(0, len(task.target_images) - 1, min(keep, len(task.target_images))).round().astype(int)
-            rows[task.object_id] = media.to_uint8(media.comparison_row(
+            rows[task.object_id] = visualize.to_uint8(visualize.comparison_row(
                 task.source_image, task.target_images[views], prediction.images[views]))
             bar.update()
         batch.clear()
@@ -231,8 +231,8 @@ def worst_and_best_sheet(report: dict, rows: int) -> np.ndarray:
     """Rows of the `rows` worst then the `rows` best objects by PSNR: source | targets | renders."""
     ranked = sorted(report["objects"], key=lambda o: o["psnr"])
     chosen = ranked if len(ranked) <= 2 * rows else ranked[:rows] + ranked[-rows:]
-    return media.labelled_rows([(f"{item['object_id']}  PSNR {item['psnr']:.2f}", report["rows"][item["object_id"]])
-                                for item in chosen])
+    return visualize.labelled_rows([(f"{item['object_id']}  PSNR {item['psnr']:.2f}", report["rows"][item["object_id"]])
+                                    for item in chosen])
 
 
 def write_report(report: dict, workdir: str | Path, *, sheet_rows: int, extra: dict | None = None) -> dict:

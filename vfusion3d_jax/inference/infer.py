@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
-from vfusion3d_jax import cameras
+from vfusion3d_jax import cameras, visualize
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.inference import media, preprocess
 from vfusion3d_jax.inference.reconstruct import Reconstructor
@@ -54,7 +54,7 @@ def write_outputs(reconstructor: Reconstructor, planes, prepared: preprocess.Pre
     preview = cameras.turntable_cameras(config.preview_views, config.preview_elevation_deg, config.radius)
     views = reconstructor.render(planes, preview, resolution=config.render_size,
                                  views_per_call=config.views_per_call)[0]
-    outputs["views"] = media.write_png(media.image_grid(views, columns=min(4, len(views))), out_dir / "views.png")
+    outputs["views"] = media.write_png(visualize.image_grid(views, columns=min(4, len(views))), out_dir / "views.png")
     if config.export_mesh:
         try:
             mesh = reconstructor.mesh(planes[0], resolution=config.mesh_resolution, threshold=config.mesh_threshold)

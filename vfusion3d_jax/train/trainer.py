@@ -53,8 +53,8 @@ from flax import nnx
 from PIL import Image
 from tensorboardX import SummaryWriter
 
+from vfusion3d_jax import visualize
 from vfusion3d_jax.data import pipeline
-from vfusion3d_jax.inference import media
 from vfusion3d_jax.models import LRM, count_parameters
 from vfusion3d_jax.rendering import RenderOptions
 from vfusion3d_jax.train import checkpointing, losses, metrics
@@ -359,7 +359,7 @@ class MetricsLog:
 
 def image_grid(sources: np.ndarray, targets: np.ndarray, renders: np.ndarray, rows: int) -> np.ndarray:
     """One row per example: source | target views | rendered views, all resized to the target size."""
-    return np.concatenate([media.comparison_row(*example) for example in list(zip(sources, targets, renders))[:rows]])
+    return np.concatenate([visualize.comparison_row(*example) for example in list(zip(sources, targets, renders))[:rows]])
 
 
 # --------------------------------------------------------------------------- loops
