@@ -124,7 +124,7 @@ def test_infer_cli_and_duplicate_names(tmp_path, checkpoint):
         Image.fromarray(rgba).save(folder / name)
     result = subprocess.run(
         [sys.executable, "-m", "vfusion3d_jax", "infer", f"--checkpoint={checkpoint}", f"--inputs={folder}",
-         f"--workdir={tmp_path / 'out'}", "--config=configs/infer.py", "--config.render_size=16",
+         f"--workdir={tmp_path / 'out'}", "--config.render_size=16",  # overrides of the default config
          "--config.num_frames=3", "--config.preview_views=2", "--config.export_mesh=False"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import ml_collections
 
+from vfusion3d_jax import errors
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -25,7 +27,7 @@ def config_module(path: str):
     if not file.exists():
         file = CONFIG_DIR / file.name
     if not file.exists():
-        raise FileNotFoundError(f"config file {path!r} not found (looked in . and {CONFIG_DIR})")
+        raise errors.InvalidConfigValueError(f"config file {path!r} not found (looked in . and {CONFIG_DIR})")
     module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -49,8 +51,9 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def _set_dotted(config: ml_collections.ConfigDict, keys: list[str], value) -> None:
-    for key in keys[:-1]:
-        config = config[key]
-    if keys[-1] not in config:
-        raise KeyError(f"unknown config key {'.'.join(keys)!r}")
+    for depth, key in enumerate(keys):
+        if not isinstance(config, ml_collections.ConfigDict) or key not in config:
+            raise errors.UnknownConfigKeyError(f"unknown config key {'.'.join(keys[:depth + 1])!r}")
+        if depth < len(keys) - 1:
+            config = config[key]
     config[keys[-1]] = value

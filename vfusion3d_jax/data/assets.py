@@ -52,6 +52,8 @@ import pybullet_data
 import trimesh
 from PIL import Image
 
+from vfusion3d_jax import errors
+
 PYBULLET_DATA = pybullet_data.getDataPath()
 SOURCES = ("pybullet_objects", "pybullet_blobs", "procedural")
 ALIASES = {"builtin": SOURCES}
@@ -200,7 +202,7 @@ def user_assets(pattern: str, up_axis: str | None = None) -> list[AssetSpec]:
         root = os.path.dirname(pattern.split("*")[0].split("?")[0].split("[")[0]) or "."
         paths = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
     if not paths:
-        raise FileNotFoundError(f"no mesh files ({', '.join(MESH_EXTENSIONS)}) match {pattern!r}")
+        raise errors.MissingInputError(f"no mesh files ({', '.join(MESH_EXTENSIONS)}) match {pattern!r}")
     specs = []
     for path in sorted(paths):
         object_id = "user/" + os.path.relpath(path, root).replace(os.sep, "/")
@@ -235,7 +237,7 @@ def list_assets(assets: str, *, num_procedural: int = 0, seed: int = 0, up_axis:
             found = user_assets(entry, override)
         specs.extend(found[:max_assets_per_source] if max_assets_per_source > 0 else found)
     if not specs:
-        raise ValueError(f"no assets in {assets!r} (num_procedural={num_procedural})")
+        raise errors.EmptyInputError(f"no assets in {assets!r} (num_procedural={num_procedural})")
     counts = collections.Counter(spec.object_id for spec in specs)
     duplicates = [object_id for object_id, count in counts.items() if count > 1]
     if duplicates:

@@ -26,6 +26,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vfusion3d_jax import errors
 from vfusion3d_jax.data import storage
 from vfusion3d_jax.data.example import decode_orbit, parse_example, read_metadata
 from vfusion3d_jax.data.tfrecord import iterate_records, read_index
@@ -48,7 +49,8 @@ def find_shards(path: str) -> list[str]:
     else:
         shards = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
     if not shards:
-        raise FileNotFoundError(f"no TFRecord shards at {path!r}")
+        raise errors.MissingInputError(f"no TFRecord shards at {path!r}").with_hint(
+            "give a shard, a folder of shards or a glob")
     return sorted(shards)
 
 
@@ -191,7 +193,7 @@ def inspect_dataset(config, workdir: str | None, args: list[str]) -> dict:
     """Prints the statistics of the shards at args[0] and writes the contact sheet; `config` is unused."""
     del config  # the data describe themselves
     if len(args) != 1:
-        raise ValueError(f"inspect-data takes one PATH (a shard, a folder or a glob), got {args}")
+        raise errors.UsageError(f"inspect-data takes one PATH (a shard, a folder or a glob), got {args}")
     path = args[0]
     statistics, orbits = dataset_statistics(find_shards(path))
     output_dir = workdir or _default_output_dir(path)

@@ -65,7 +65,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from vfusion3d_jax import cameras
+from vfusion3d_jax import cameras, errors
 from vfusion3d_jax.data import example as orbit_example
 from vfusion3d_jax.data import tfrecord
 
@@ -100,9 +100,14 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     for pattern in patterns:
         matches = [path for path in glob.glob(os.fspath(pattern)) if not path.endswith(".index")]
         if not matches:
-            raise FileNotFoundError(f"no TFRecord shards match {pattern!r}")
+            raise errors.MissingInputError(f"no TFRecord shards match {pattern!r}").with_hint(
+                "check the path or glob (`render-data` writes shards to WORKDIR/shards/; training reads "
+                "them from --config.data_dir=WORKDIR)")
         paths.update(matches)
     return sorted(paths)
+
+
+SKIP_CORRUPT_HINT = "add --config.data.skip_corrupt=true to skip corrupt records and count them"
 
 
 class OrbitSource:
@@ -117,9 +122,15 @@ class OrbitSource:
         self.paths = expand_paths(paths)
         self.skip_corrupt = skip_corrupt
         self.verify_crc = verify_crc
-        indexes = [tfrecord.read_index(path) for path in self.paths]
+        indexes = [self._read_index(path) for path in self.paths]
         self._index = np.concatenate(indexes) if indexes else np.zeros((0, 2), np.uint64)
         self._shard_starts = np.cumsum([0] + [len(index) for index in indexes])
+
+    def _read_index(self, path: str) -> np.ndarray:
+        try:
+            return tfrecord.read_index(path)
+        except tfrecord.CorruptRecordError as error:  # broken framing: a truncated tail, a damaged length
+            raise error.with_hint(SKIP_CORRUPT_HINT)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -140,7 +151,7 @@ class OrbitSource:
                                         record_index=record_in_shard)
         except tfrecord.CorruptRecordError as error:
             if not self.skip_corrupt:
-                raise
+                raise error.with_hint(SKIP_CORRUPT_HINT)
             logging.warning("skipping %s", error)
             return SkippedRecord(index, str(error))
         return StoredRecord(index, data)
@@ -428,7 +439,8 @@ def make_dataset(config: ml_collections.ConfigDict, *, shard_index: int | None =
         )
         source = OrbitSource(component.glob, skip_corrupt=config.skip_corrupt)
         if len(source) == 0:
-            raise ValueError(f"dataset {name!r} ({component.glob}) has no records")
+            raise errors.EmptyInputError(f"dataset {name!r} ({component.glob}) has no records").with_hint(
+                "point the glob at non-empty shards")
         transform = TrainingExamples(options, metadata_filter, seed=config.seed, dataset_key=_stable_key(name),
                                      dataset_index=dataset_index, records_per_epoch=len(source))
         shuffle_seed = int(np.random.SeedSequence([config.seed, _stable_key(name)]).generate_state(1)[0])

@@ -41,7 +41,7 @@ import tqdm
 import trimesh
 from absl import logging
 
-from vfusion3d_jax import cameras
+from vfusion3d_jax import cameras, errors
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data import assets
 from vfusion3d_jax.data.example import encode_orbit, read_metadata
@@ -314,9 +314,9 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> N
 def render_dataset(config: ml_collections.ConfigDict | None, workdir: str | None, args: list[str]) -> dict:
     """Renders the assets of `config` into orbit TFRecord shards under `workdir`; returns the summary."""
     if args:
-        raise ValueError(f"render-data takes no positional arguments, got {args}")
+        raise errors.UsageError(f"render-data takes no positional arguments, got {args}")
     if workdir is None:
-        raise ValueError("render-data needs --workdir")
+        raise errors.UsageError("render-data needs --workdir")
     if config is None:
         config = load_config("data.py:builtin")
         logging.info("no --config given: using configs/data.py:builtin")

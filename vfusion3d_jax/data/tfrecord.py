@@ -28,6 +28,7 @@ import google_crc32c
 import numpy as np
 from absl import logging
 
+from vfusion3d_jax import errors
 from vfusion3d_jax.data import storage
 
 _HEADER_BYTES = 12  # uint64 length + uint32 masked CRC of the length
@@ -40,13 +41,18 @@ _UNSAVED_INDEXES: dict[tuple[str, int, int], np.ndarray] = {}
 _UNSAVED_INDEXES_LOCK = threading.Lock()
 
 
-class CorruptRecordError(IOError):
+class CorruptRecordError(errors.CorruptDataError):
     """A record whose framing or CRC does not check out; names the file, record and byte offset."""
 
+    hint = "re-create the shard or leave it out of the glob"
+
     def __init__(self, path: str, record_index: int | None, offset: int, reason: str):
-        # Exceptions pickle through their args; Grain worker processes send errors back this way.
         super().__init__(path, record_index, offset, reason)
         self.path, self.record_index, self.offset, self.reason = path, record_index, offset, reason
+
+    def __reduce__(self):
+        # Grain worker processes send errors back pickled; OSError keeps only two of the four args.
+        return type(self), (self.path, self.record_index, self.offset, self.reason), self.__dict__
 
     def __str__(self) -> str:
         record = "record ?" if self.record_index is None else f"record {self.record_index}"

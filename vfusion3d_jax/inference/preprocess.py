@@ -42,6 +42,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+from vfusion3d_jax import errors
+
 # Larger images are refused (Pillow's decompression-bomb guard would otherwise decide).
 MAX_PIXELS = 100_000_000
 # The official inferrer's recentring margin.
@@ -91,7 +93,7 @@ def find_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     if path.is_dir():
         files = sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.name)
         if not files:
-            raise FileNotFoundError(f"no files in folder {path}")
+            raise errors.MissingInputError(f"no files in folder {path}")
         return files
     if path.exists():
         return [path]
@@ -99,9 +101,9 @@ def find_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(str(inputs)), recursive=True))
         files = [p for p in matches if p.is_file()]
         if not files:
-            raise FileNotFoundError(f"no files match {inputs}")
+            raise errors.MissingInputError(f"no files match {inputs}")
         return files
-    raise FileNotFoundError(f"no such file or folder: {inputs}")
+    raise errors.MissingInputError(f"no such file or folder: {inputs}")
 
 
 def load_rgba(path: str | os.PathLike) -> tuple[np.ndarray, bool]:

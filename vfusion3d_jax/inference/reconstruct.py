@@ -23,7 +23,7 @@ import numpy as np
 import trimesh
 from flax import nnx
 
-from vfusion3d_jax import cameras
+from vfusion3d_jax import cameras, errors
 from vfusion3d_jax.models.convert import OFFICIAL_INFERENCE, load_checkpoint_config, load_lrm
 from vfusion3d_jax.models.lrm import LRM
 from vfusion3d_jax.rendering import mesh as mesh_lib
@@ -79,8 +79,9 @@ class Reconstructor:
                         step: int | None = None) -> Reconstructor:
         """A training run's workdir (newest checkpoint) or a `convert` output directory."""
         if checkpoint.endswith((".pth", ".pt", ".bin", ".safetensors")):
-            raise ValueError(f"{checkpoint} is an official weights file: import it first with "
-                             "`python -m vfusion3d_jax convert --checkpoint=FILE --workdir=DIR`, then pass DIR")
+            raise errors.InvalidCheckpointError(
+                f"{checkpoint} is an official weights file, not a checkpoint folder: `convert` imports it").with_hint(
+                    "run `vfusion3d convert --checkpoint=FILE --workdir=DIR`, then pass DIR")
         return cls(load_lrm(checkpoint, step), load_checkpoint_config(checkpoint, step), job_config)
 
     @property

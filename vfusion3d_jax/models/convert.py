@@ -47,6 +47,7 @@ from absl import flags, logging
 from flax import nnx
 from flax.nnx import traversals
 
+from vfusion3d_jax import errors
 from vfusion3d_jax.models.lrm import LRM, abstract_lrm
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -60,7 +61,7 @@ ANCHOR_KEY = "camera_embedder.mlp.0.weight"
 NnxPath = tuple[Any, ...]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.InvalidCheckpointError):
     """The checkpoint does not fit the model: missing, unexpected or misshapen tensors, or config fields."""
 
 
@@ -449,7 +450,8 @@ def _checkpoint_manager(directory: str | Path, *, create: bool = False) -> ocp.C
     if (directory / CHECKPOINT_SUBDIR).is_dir():
         directory = directory / CHECKPOINT_SUBDIR
     elif not (create or directory.is_dir()):
-        raise FileNotFoundError(f"no checkpoint directory at {directory}")
+        raise errors.MissingCheckpointError(f"no checkpoint directory at {directory}").with_hint(
+            "pass a training run's --workdir or a `convert` output")
     return ocp.CheckpointManager(directory, item_names=("model", "config"),
                                  options=ocp.CheckpointManagerOptions(create=create))
 
@@ -470,7 +472,8 @@ def save_checkpoint(workdir: str | Path, params: Mapping[str, Any], config: ml_c
 def _latest_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        raise errors.MissingCheckpointError(f"no checkpoint in {manager.directory}").with_hint(
+            "pass a training run that has saved a step, or a `convert` output")
     return step
 
 
@@ -531,7 +534,7 @@ def convert_command(config: ml_collections.ConfigDict | None, workdir: str | Non
     """CLI `convert`: `--checkpoint=PATH --workdir=DIR [--config=configs/lrm.py:VARIANT]`."""
     checkpoint = flags.FLAGS.checkpoint if "checkpoint" in flags.FLAGS else None
     if not checkpoint or not workdir:
-        raise ValueError("convert needs --checkpoint=PATH (.pth/.pt/.bin or .safetensors) and --workdir=DIR")
+        raise errors.UsageError("convert needs --checkpoint=PATH (.pth/.pt/.bin or .safetensors) and --workdir=DIR")
     if args:
-        raise ValueError(f"convert takes no positional arguments, got {args}")
+        raise errors.UsageError(f"convert takes no positional arguments, got {args}")
     convert(checkpoint, workdir, config)

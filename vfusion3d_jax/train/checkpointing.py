@@ -28,11 +28,13 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from vfusion3d_jax import errors
+
 ITEMS = ("model", "optimizer", "data", "progress", "config")
 CHECKPOINT_SUBDIR = "checkpoints"  # under a run's workdir
 
 
-class NonFiniteStateError(FloatingPointError):
+class NonFiniteStateError(errors.NonFiniteError):
     """The training state holds a NaN or infinity; it is never written to a checkpoint."""
 
 
@@ -151,7 +153,8 @@ def restore_model(directory: str, model_state: nnx.State, model_shardings: nnx.S
     manager = ocp.CheckpointManager(path, item_names=("model",), options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {path}")
+        raise errors.MissingCheckpointError(f"no checkpoint in {path}").with_hint(
+            "--config.train.init_checkpoint takes a training run's workdir or a `convert` output")
     restored = manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(_abstract_pure_dict(model_state, model_shardings))))
     manager.close()

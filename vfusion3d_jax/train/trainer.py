@@ -53,7 +53,7 @@ from flax import nnx
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from vfusion3d_jax import visualize
+from vfusion3d_jax import errors, visualize
 from vfusion3d_jax.data import pipeline
 from vfusion3d_jax.models import LRM, count_parameters
 from vfusion3d_jax.rendering import RenderOptions
@@ -62,7 +62,7 @@ from vfusion3d_jax.train import optimizer as optimizer_lib
 from vfusion3d_jax.train import sharding
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.NonFiniteError):
     """A training step produced a NaN or infinite loss or gradient norm (and `nonfinite` is "stop")."""
 
 
@@ -499,7 +499,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if config.eval.every:
         pipeline.expand_paths(config.eval.glob)  # a missing held-out split fails now, not after hours
     if config.train.nonfinite not in ("stop", "skip"):
-        raise ValueError(f"config.train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}")
+        raise errors.InvalidConfigValueError(
+            f"config.train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}")
 
     with sharding.activate(mesh, rules):
         create, state = abstract_train_state(config, mesh, rules)
