@@ -8,6 +8,7 @@ config typos, and a training run whose loss becomes NaN.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -211,3 +212,24 @@ def test_a_non_finite_loss_stops_with_its_status(tmp_path, data_dir):
     assert result.returncode == errors.NonFiniteError.exit_code, result.stderr[-3000:]
     line = _error_line(result)
     assert line.startswith("error: non-finite training step 2: loss=nan") and "--config.train.nonfinite=skip" in line
+
+
+def test_skip_corrupt_trains_on_and_reports_the_skipped_records(tmp_path, data_dir):
+    # One flipped byte (train-00000, record 1) and a truncated tail (train-00001, its last record 2):
+    # with skip_corrupt both are skipped, counted and named, and training goes on to the end.
+    data = _damaged_copy(data_dir, tmp_path, flip=(0, 1), truncate_shard=1)
+    workdir = tmp_path / "run"
+    result = _cli("train", f"--config.data_dir={data}", f"--workdir={workdir}", *TINY_TRAINING,
+                  "--config.data.skip_corrupt=true", "--config.train.stages.low_res.num_steps=6")  # > 2 epochs
+    assert result.returncode == 0, result.stderr[-3000:]
+    flipped, truncated = (str(data / "shards" / f"train-{shard:05d}-of-00002.tfrecord") for shard in range(SHARDS))
+    summary = json.loads((workdir / "summary.json").read_text())["corrupt_records_skipped"]
+    assert summary["records"] == 2 and summary["files"] == {flipped: [1], truncated: [2]}
+    assert summary["times"] >= 4  # read (and skipped) again each epoch
+    assert f"skipped 2 corrupt records ({summary['times']} reads): {flipped} (record 1); {truncated} (record 2)" in (
+        result.stdout)
+    for path, record in ((flipped, 1), (truncated, 2)):
+        assert f"skipped corrupt record {path}: record {record}" in result.stderr
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4, 5, 6]
+    assert logged[-1]["corrupt_records_skipped"] >= 2

@@ -231,6 +231,41 @@ def test_corrupt_record_raises_or_is_skipped_and_counted(tmp_path):
     np.testing.assert_array_equal(_concat(batches, "corrupt_skipped"), np.eye(len(order) - 1, dtype=int)[3])
 
 
+@pytest.mark.parametrize("stored_index", [True, False], ids=["writer_index", "no_index"])
+def test_a_truncated_tail_and_a_flipped_byte_are_both_skipped_and_named(tmp_path, stored_index):
+    glob, orbits = _write_orbits(tmp_path, "damaged", num_shards=2, per_shard=4)
+    flipped, truncated = tmp_path / "damaged-00.tfrecord", tmp_path / "damaged-01.tfrecord"
+    offset, length = tfrecord.read_index(flipped)[1]
+    data = bytearray(flipped.read_bytes())
+    data[int(offset) + 12 + int(length) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-50])  # cuts into the last record (4 + 3 = record 7)
+    if not stored_index:  # a shard from another writer: the index is rebuilt by a scan
+        for path in tmp_path.glob("*.index"):
+            path.unlink()
+
+    config = _config(glob, num_epochs=1, drop_remainder=False)
+    with pytest.raises(tfrecord.CorruptRecordError, match="truncated") as error:
+        pipeline.make_iterator(config, shard_index=0, shard_count=1)
+    assert error.value.hint == pipeline.SKIP_CORRUPT_HINT
+
+    config.skip_corrupt = True
+    batches = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+    assert sorted(_concat(batches, "record_index")) == [0, 2, 3, 4, 5, 6]
+    assert _concat(batches, "corrupt_skipped").sum() == 2
+    named = _concat(batches, "corrupt_skipped_records").reshape(-1, 2)
+    assert sorted(map(tuple, named[named[:, 0] >= 0].tolist())) == [(0, 1), (0, 7)]
+
+    tally = pipeline.SkippedRecordTally()
+    new = [line for batch in batches for line in tally.update(batch, config)]
+    assert sorted(new) == [f"{flipped}: record 1", f"{truncated}: record 3"]
+    assert tally.summary() == dict(records=2, times=2, unnamed=0, files={str(flipped): [1], str(truncated): [3]})
+    assert tally.update(batches[0] | {"corrupt_skipped": np.array([1]), "corrupt_skipped_records": np.array(
+        [[[0, 1], [-1, -1], [-1, -1], [-1, -1]]])}, config) == []  # seen before: counted, not new
+    assert (tally.records, tally.times) == (2, 3)
+    assert tally.describe() == (f"skipped 2 corrupt records (3 reads): {flipped} (record 1); {truncated} (record 3)")
+
+
 def test_to_global_arrays_shards_the_batch_over_devices(rendered):
     glob, _ = rendered
     batch = next(pipeline.make_iterator(_config(glob, batch_size=8), shard_index=0, shard_count=1))

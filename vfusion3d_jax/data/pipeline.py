@@ -19,8 +19,11 @@ Why this order:
 * Mixing comes after the filters, so the weights hold for the examples actually trained on.
 * A random-access source must return something for every index: with `skip_corrupt`, a
   corrupt record becomes a `SkippedRecord` marker, which the counting stage drops, adding the
-  count to the next example's `corrupt_skipped`. The count travels with the data, so it
-  survives worker processes and checkpoints.
+  count to the next example's `corrupt_skipped` and its (dataset, record) to
+  `corrupt_skipped_records`. The count travels with the data, so it survives worker processes
+  and checkpoints; `SkippedRecordTally` turns it into records per file (training's log and
+  summary.json). A shard whose framing is broken (a truncated tail) is read through
+  `tfrecord.salvage_index`: its damaged records are skipped like any other.
 * Images become float32 per example, in the reading threads, where NumPy runs in parallel;
   converting a whole batch in one thread costs 30-60 ms for 8 sources of 512 px.
 
@@ -43,6 +46,7 @@ full render side, p = patch_size or S) is a dict of NumPy arrays:
 | `record_index`         | (B,) i32            | record number in its dataset (shards concatenated in path order) |
 | `dataset_index`        | (B,) i32            | which dataset of the mixture (`active_datasets` order)       |
 | `corrupt_skipped`      | (B,) i32            | corrupt records skipped just before this example            |
+| `corrupt_skipped_records` | (B, 4, 2) i32    | the first 4 of them as (dataset_index, record_index); -1 = none |
 
 The renderer renders the patch either as `pixel_rays(target_cameras, resolution=S,
 crop_size=p, crop_start=target_crop_offsets)` or, with S varying per example, as the full
@@ -87,6 +91,7 @@ class SkippedRecord:
 
     index: int
     reason: str
+    dataset_index: int = -1  # set by TrainingExamples: which dataset of the mixture
 
 
 def expand_paths(patterns: str | Sequence[str]) -> list[str]:
@@ -130,7 +135,12 @@ class OrbitSource:
         try:
             return tfrecord.read_index(path)
         except tfrecord.CorruptRecordError as error:  # broken framing: a truncated tail, a damaged length
-            raise error.with_hint(SKIP_CORRUPT_HINT)
+            if not self.skip_corrupt:
+                raise error.with_hint(SKIP_CORRUPT_HINT)
+            index = tfrecord.salvage_index(path)
+            logging.warning("%s; reading the %d records of its salvaged index, skipping those that are damaged",
+                            error, len(index))
+            return index
 
     def __len__(self) -> int:
         return len(self._index)
@@ -345,7 +355,7 @@ class TrainingExamples(grain.transforms.MapWithIndex):
 
     def map_with_index(self, index: int, record: StoredRecord | SkippedRecord):
         if isinstance(record, SkippedRecord):
-            return record
+            return dataclasses.replace(record, dataset_index=self.dataset_index)
         epoch = index // self.records_per_epoch
         rng = np.random.default_rng([self.seed, self.dataset_key, record.index, epoch])
         training_example = make_training_example(record.data, rng, self.options, self.metadata_filter)
@@ -358,12 +368,21 @@ class TrainingExamples(grain.transforms.MapWithIndex):
 # --------------------------------------------------------------------------- stream stages
 
 
+# Skipped records named per example in `corrupt_skipped_records` (a fixed width, so examples
+# batch); more than this before one example are counted but not named.
+MAX_NAMED_SKIPS = 4
+
+
 class _DropSkippedRecordsIterator(grain.DatasetIterator):
     def __next__(self) -> dict:
-        skipped = 0
+        skipped = []
         while isinstance(element := next(self._parent), SkippedRecord):
-            skipped += 1
-        element["corrupt_skipped"] = np.int32(skipped)
+            skipped.append((element.dataset_index, element.index))
+        element["corrupt_skipped"] = np.int32(len(skipped))
+        named = np.full((MAX_NAMED_SKIPS, 2), -1, np.int32)
+        if skipped:
+            named[:min(len(skipped), MAX_NAMED_SKIPS)] = skipped[:MAX_NAMED_SKIPS]
+        element["corrupt_skipped_records"] = named
         return element
 
     # Between calls nothing is pending (the count restarts at each example): the parent's
@@ -376,7 +395,8 @@ class _DropSkippedRecordsIterator(grain.DatasetIterator):
 
 
 class DropSkippedRecords(grain.IterDataset):
-    """Drops `SkippedRecord` markers, counting them into the next example's `corrupt_skipped`.
+    """Drops `SkippedRecord` markers, counting them into the next example's `corrupt_skipped` and
+    naming them (dataset, record) in its `corrupt_skipped_records`.
 
     Corrupt records after the last example of a finite stream have no example to carry their
     count; the source's warning log names every skipped record regardless.
@@ -479,3 +499,68 @@ def to_global_arrays(batch: dict, mesh: jax.sharding.Mesh,
     """This host's batch → global `jax.Array`s, the leading (batch) axis split by `partition_spec`."""
     sharding = jax.sharding.NamedSharding(mesh, partition_spec)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+class SkippedRecordTally:
+    """Which corrupt records a run skipped (`skip_corrupt`), from its batches: per file, the records.
+
+    `update(batch, config)` reads a batch's `corrupt_skipped` and `corrupt_skipped_records`;
+    `config` is the input config the batch came from (it maps dataset indexes to shards). A record
+    skipped again in a later epoch counts once in `records` and again in `times`.
+    """
+
+    def __init__(self):
+        self.times = 0  # skips, every epoch's
+        self.unnamed = 0  # skips beyond MAX_NAMED_SKIPS before one example: counted, not located
+        self.files: dict[str, set[int]] = {}  # shard -> record numbers in the shard
+        self._sources: dict[str, OrbitSource] = {}
+
+    @property
+    def records(self) -> int:
+        return sum(len(records) for records in self.files.values())
+
+    def update(self, batch: dict, config: ml_collections.ConfigDict) -> list[str]:
+        """Adds the skips of `batch`; returns `path: record N` of each record skipped for the first time."""
+        count = int(np.sum(batch["corrupt_skipped"]))
+        if not count:
+            return []
+        self.times += count
+        named = np.asarray(batch["corrupt_skipped_records"]).reshape(-1, 2)
+        named = named[named[:, 0] >= 0]
+        self.unnamed += count - len(named)
+        datasets = active_datasets(config)
+        new = []
+        for dataset_index, record in named.tolist():
+            glob_ = datasets[dataset_index][1].glob
+            if glob_ not in self._sources:
+                self._sources[glob_] = OrbitSource(glob_, skip_corrupt=True)
+            path, record_in_shard, _, _ = self._sources[glob_].locate(record)
+            if record_in_shard not in self.files.setdefault(path, set()):
+                self.files[path].add(record_in_shard)
+                new.append(f"{path}: record {record_in_shard}")
+        return new
+
+    def merge(self, summary: dict) -> None:
+        """Adds the counts of an earlier `summary()` (a resumed run's first part)."""
+        self.times += summary.get("times", 0)
+        self.unnamed += summary.get("unnamed", 0)
+        for path, records in summary.get("files", {}).items():
+            self.files.setdefault(path, set()).update(records)
+
+    def summary(self) -> dict:
+        """JSON-ready: records (distinct), times (all skips), unnamed, files {path: [record numbers]}."""
+        return dict(records=self.records, times=self.times, unnamed=self.unnamed,
+                    files={path: sorted(records) for path, records in sorted(self.files.items())})
+
+    def describe(self) -> str:
+        """One line: how many records of which files were skipped."""
+        if not self.times:
+            return "no corrupt records skipped"
+        files = "; ".join(f"{path} (record{'s' if len(records) > 1 else ''} {', '.join(map(str, sorted(records)))})"
+                          for path, records in sorted(self.files.items()))
+        unnamed = f", {self.unnamed} not located" if self.unnamed else ""
+        return (f"skipped {self.records} corrupt record{'s' if self.records != 1 else ''} "
+                f"({self.times} reads{unnamed}): {files}")

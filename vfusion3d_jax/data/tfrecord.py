@@ -165,9 +165,9 @@ def _index_matches_file(index: np.ndarray, file_size: int) -> bool:
     return last_offset + _HEADER_BYTES + last_length + _FOOTER_BYTES == file_size
 
 
-def build_index(path: str | os.PathLike) -> np.ndarray:
-    """Scans a shard's frame headers (checking their CRCs) into a (N, 2) uint64 (offset, length) index."""
-    path = os.fspath(path)
+def _scan_frames(path: str) -> tuple[list[tuple[int, int]], CorruptRecordError | None, int]:
+    """(offset, length) of the frames before the first broken one, the error of that one (None if
+    none) and its length field (0 when the field itself is unreadable)."""
     entries = []
     with open(path, "rb") as file:
         file_size = os.fstat(file.fileno()).st_size
@@ -176,18 +176,54 @@ def build_index(path: str | os.PathLike) -> np.ndarray:
             record_index = len(entries)
             header = file.read(_HEADER_BYTES)
             if len(header) < _HEADER_BYTES:
-                raise CorruptRecordError(path, record_index, offset, f"truncated header ({len(header)} of 12 bytes)")
+                return entries, CorruptRecordError(
+                    path, record_index, offset, f"truncated header ({len(header)} of 12 bytes)"), 0
             length, length_crc = struct.unpack("<QI", header)
             if masked_crc32c(header[:8]) != length_crc:
-                raise CorruptRecordError(path, record_index, offset, "length CRC mismatch")
+                return entries, CorruptRecordError(path, record_index, offset, "length CRC mismatch"), 0
             end = offset + _HEADER_BYTES + length + _FOOTER_BYTES
             if end > file_size:
-                raise CorruptRecordError(
+                return entries, CorruptRecordError(
                     path, record_index, offset, f"truncated record: frame ends at {end}, file has {file_size} bytes"
-                )
+                ), length
             entries.append((offset, length))
             offset = end
             file.seek(offset)
+    return entries, None, 0
+
+
+def build_index(path: str | os.PathLike) -> np.ndarray:
+    """Scans a shard's frame headers (checking their CRCs) into a (N, 2) uint64 (offset, length) index."""
+    entries, error, _ = _scan_frames(os.fspath(path))
+    if error is not None:
+        raise error
+    return np.asarray(entries, dtype=np.uint64).reshape(-1, 2)
+
+
+def _index_is_consistent(index: np.ndarray) -> bool:
+    """Whether `index` describes back-to-back frames from byte 0 (as a writer's index does)."""
+    if index.ndim != 2 or index.shape[1] != 2 or index.dtype != np.uint64 or not len(index):
+        return False
+    offsets, lengths = index[:, 0].astype(np.int64), index[:, 1].astype(np.int64)
+    return offsets[0] == 0 and np.array_equal(offsets[1:], offsets[:-1] + _HEADER_BYTES + lengths[:-1] + _FOOTER_BYTES)
+
+
+def salvage_index(path: str | os.PathLike) -> np.ndarray:
+    """An index of a shard whose framing is broken (a truncated tail, a damaged length field), for
+    reading what is left: every row is a record that reads or raises `CorruptRecordError`.
+
+    The index written beside the shard still lists every record, so it is used when it is
+    consistent: the records it places past the damage fail to read one by one. Without it, a scan
+    lists the frames before the first broken one and that one (the rest of the file, which no
+    header can be trusted to locate, is lost). A salvaged index is never saved.
+    """
+    path = os.fspath(path)
+    stored = _load_index(index_path(path))
+    if stored is not None and _index_is_consistent(stored):
+        return stored
+    entries, error, length = _scan_frames(path)
+    if error is not None:
+        entries.append((error.offset, length))
     return np.asarray(entries, dtype=np.uint64).reshape(-1, 2)
 
 

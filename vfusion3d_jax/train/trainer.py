@@ -30,7 +30,8 @@ error, or skips the step and goes on (`config.train.nonfinite`).
 Outputs under the workdir: `checkpoints/` (Orbax, see `checkpointing.py`),
 `tensorboard/` (scalars and image grids), `metrics.jsonl` (one JSON object per
 logged step, for plotting), `eval/eval_step_<N>.png` (one row per held-out object:
-source | target views | rendered views).
+source | target views | rendered views), `summary.json` (with `data.skip_corrupt`: the
+corrupt records skipped, per file; the log names each one as it is skipped).
 """
 
 from __future__ import annotations
@@ -311,6 +312,19 @@ def make_eval_step(config: ml_collections.ConfigDict, state: TrainState, mesh: j
 # --------------------------------------------------------------------------- logging
 
 
+SUMMARY_FILE = "summary.json"  # in the workdir: what the run skipped
+
+
+def _write_summary(workdir: epath.Path, skips: pipeline.SkippedRecordTally) -> None:
+    """`summary.json` (process 0; each host counts the corrupt records of its own batches)."""
+    if jax.process_index() != 0:
+        return
+    (workdir / SUMMARY_FILE).write_text(json.dumps(dict(corrupt_records_skipped=skips.summary()), indent=2) + "\n")
+    if skips.times:
+        logging.warning("%s", skips.describe())
+        print(skips.describe(), flush=True)
+
+
 class MetricsLog:
     """Scalars to TensorBoard and to `metrics.jsonl`; images to TensorBoard and PNG. Process 0 only.
 
@@ -442,6 +456,7 @@ class _StepReporter:
         self.batch_size = batch_size
         self.pending: tuple[int, dict[str, jax.Array]] | None = None
         self.skipped = 0
+        self.corrupt_skipped = 0  # corrupt records skipped so far (the training loop keeps it current)
         self._last_time = time.perf_counter()
 
     def push(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
@@ -477,7 +492,7 @@ class _StepReporter:
                                   ex_s=f"{self.batch_size / max(step_time, 1e-9):.1f}", refresh=False)
         if done % self.config.train.log_every == 0 or done == 1:
             values.update(step_time_s=step_time, examples_per_s=self.batch_size / max(step_time, 1e-9),
-                          skipped_steps=self.skipped)
+                          skipped_steps=self.skipped, corrupt_records_skipped=self.corrupt_skipped)
             self.log.scalars(done, "train", values)
 
 
@@ -540,6 +555,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         progress = tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
                              disable=jax.process_index() != 0, dynamic_ncols=True)
         reporter = _StepReporter(config, log, progress, config.data.batch_size)
+        skips = pipeline.SkippedRecordTally()
+        if start_step and (workdir / SUMMARY_FILE).exists():
+            skips.merge(json.loads((workdir / SUMMARY_FILE).read_text()).get("corrupt_records_skipped", {}))
         try:
             if config.eval.every and start_step == 0:  # the untrained model: the baseline of every curve
                 values, _ = evaluate(config, eval_step, state.model_state, eval_lpips, mesh, rules)
@@ -551,7 +569,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     stage = stage_at(stages, step)
                     iterator = pipeline.make_iterator(stage.data)
                     logging.info("stage %s from step %d: %s", stage.name, step, stage.data.to_dict())
-                batch = pipeline.to_global_arrays(_model_inputs(next(iterator)), mesh, batch_spec)
+                host_batch = next(iterator)
+                for record in skips.update(host_batch, stage.data):
+                    logging.warning("skipped corrupt record %s (%d records, %d reads so far)", record,
+                                    skips.records, skips.times)
+                reporter.corrupt_skipped = skips.times
+                batch = pipeline.to_global_arrays(_model_inputs(host_batch), mesh, batch_spec)
                 state.model_state, state.optimizer_state, step_metrics = train_step(
                     state.model_state, state.optimizer_state, batch, loss_lpips, jnp.uint32(step))
                 reporter.push(step, step_metrics)
@@ -579,4 +602,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             progress.close()
             checkpointer.close()
             log.close()
+            _write_summary(workdir, skips)
     return state
