@@ -84,6 +84,18 @@ def _damaged_copy(data_dir, tmp_path, *, flip: tuple[int, int] | None = None, tr
 # --------------------------------------------------------------------------- usage and configs
 
 
+def test_the_console_script_is_the_same_cli(tmp_path):
+    # `make setup` installs it (setup.cfg console_scripts) beside the environment's python.
+    script = os.path.join(os.path.dirname(sys.executable), "vfusion3d")
+    assert os.access(script, os.X_OK), f"{script} missing: reinstall with `make setup`"
+    result = subprocess.run([script, "train", "--config.train.stpes=3", f"--workdir={tmp_path}"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == errors.UnknownConfigKeyError.exit_code
+    assert _error_line(result) == "error: unknown config key 'train.stpes'; did you mean 'train.stages'?"
+    help_ = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=300)
+    assert help_.returncode == 0 and help_.stdout.startswith("usage: vfusion3d <command>")
+
+
 def test_unknown_command_lists_commands():
     result = _cli("no-such-command")
     assert result.returncode == errors.UsageError.exit_code
