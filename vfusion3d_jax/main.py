@@ -239,8 +239,8 @@ def _display(spec: str | None) -> str | None:
     """A config spec as the user would write it: relative to the working directory when inside it."""
     if spec is None or not os.path.isabs(spec):
         return spec
-    relative = os.path.relpath(spec)
-    return spec if relative.startswith("..") else relative
+    cwd = os.getcwd()
+    return os.path.relpath(spec, cwd) if spec.startswith(cwd + os.sep) else spec
 
 
 def _has_key(config: ml_collections.ConfigDict, key: str) -> bool:
