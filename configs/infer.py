@@ -74,6 +74,10 @@ def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
         config.chamfer = True
         config.mesh_resolution = 128
         config.chamfer_points = 4096
+        # The input-swap test: objects are evaluated in groups of this many, and each one's views
+        # are also rendered from the other sources of its group (cost: swap_group times the
+        # renders). 1 = off. Retrieval's chance level is 1 / swap_group.
+        config.swap_group = 8
         # Rows of the sheet of the worst and of the best objects (by PSNR), and views per row.
         config.sheet_rows = 4
         config.sheet_views = 4

@@ -32,6 +32,7 @@ from vfusion3d_jax.inference import evaluate, infer, media
 from vfusion3d_jax.inference.reconstruct import Reconstructor
 from vfusion3d_jax.models import LRM, convert
 from vfusion3d_jax.rendering.triplane import query_grid
+from vfusion3d_jax.train import metrics
 from vfusion3d_jax.train.metrics import chamfer_distance
 
 NUM_FRAMES = 6
@@ -177,7 +178,7 @@ def _tasks(data_dir: str, split: str = "*"):
 
 
 def _oracle(tasks):
-    return [evaluate.Prediction(task.target_images, task.surface_points) for task in tasks]
+    return [evaluate.Prediction(task.target_images, task.target_masks, task.surface_points) for task in tasks]
 
 
 def test_ground_truth_as_its_own_prediction_is_perfect(tmp_path, data_dir):
@@ -189,24 +190,64 @@ def test_ground_truth_as_its_own_prediction_is_perfect(tmp_path, data_dir):
     assert overall["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert overall["lpips"] == pytest.approx(0.0, abs=1e-6)
     assert overall["chamfer"] == 0.0 and overall["empty_meshes"] == 0
+    assert overall["fg_psnr"] == math.inf and overall["iou"] == 1.0
 
     paths = evaluate.write_report(report, tmp_path, sheet_rows=1)
     written = json.loads(paths["json"].read_text())
     assert written["overall"]["psnr"] == math.inf and len(written["objects"]) == len(tasks)
-    assert "| inf | 1.0000 | 0.0000 | 0.0000 |" in paths["markdown"].read_text().replace("1.00 ", "1.0000 ")
+    # PSNR, foreground PSNR, silhouette IoU, SSIM, LPIPS, Chamfer
+    assert "| inf | inf | 1.0000 | 1.0000 | 0.0000 | 0.0000 |" in paths["markdown"].read_text().replace("1.00 ", "1.0000 ")
     assert Image.open(paths["sheet"]).size[1] > 2 * 32  # worst and best rows
 
 
 def test_a_worse_prediction_scores_worse(data_dir):
     tasks = _tasks(data_dir)
     faded = lambda images: images * 0.8 + 0.1  # a known error: |error| = 0.2 |1 - 2 x|
-    predict = lambda ts: [evaluate.Prediction(faded(t.target_images), t.surface_points + 0.05) for t in ts]
+    predict = lambda ts: [evaluate.Prediction(faded(t.target_images), surface_points=t.surface_points + 0.05)
+                          for t in ts]
     report = evaluate.evaluate_orbits(tasks, predict, batch_size=3, progress=False)
     for task, item in zip(tasks, report["objects"]):
         expected = np.mean([-10 * np.log10(np.mean((faded(view) - view) ** 2)) for view in task.target_images])
         assert item["psnr"] == pytest.approx(expected, rel=1e-4)
         assert item["ssim"] < 1.0 and item["lpips"] > 0.0
         assert 0.0 < item["chamfer"] <= 0.05 * math.sqrt(3) + 1e-6  # every point moved by 0.087
+
+
+def _swap_predictor(render_from):
+    """Group renders where task i's views "reconstructed from source j" are `render_from(tasks, i, j)`."""
+
+    def predict(tasks):
+        predictions = []
+        for i, task in enumerate(tasks):
+            group = np.stack([render_from(tasks, i, j) for j in range(len(tasks))])
+            own = group[i]
+            predictions.append(evaluate.Prediction(own, task.target_masks, group_images=group,
+                                                   group_opacity=np.stack([task.target_masks] * len(tasks))))
+        return predictions
+
+    return predict
+
+
+def test_input_swap_rewards_a_model_that_uses_its_input(data_dir):
+    tasks = _tasks(data_dir)
+    assert len(tasks) >= 3
+    # From its own source an object comes out faded (finite PSNR); from another source it comes
+    # out as that other object: the input decides the reconstruction.
+    sees = _swap_predictor(lambda ts, i, j: ts[i].target_images * 0.9 + 0.05 if i == j else ts[j].target_images)
+    report = evaluate.evaluate_orbits(tasks, sees, batch_size=len(tasks), progress=False)
+    overall = report["overall"]
+    assert overall["retrieval"] == 1.0 and overall["retrieval_chance"] == pytest.approx(1 / len(tasks))
+    scores = evaluate.swap_scores(tasks, sees(tasks))
+    expected = np.mean(np.diag(scores) - (scores.sum(axis=1) - np.diag(scores)) / (len(tasks) - 1))
+    assert overall["conditioning_gain"] == pytest.approx(expected) and expected > 3
+    assert "Input swap: conditioning gain" in evaluate.overall_table(overall)
+
+    # The mean object, whatever the input: no gain, and a tie is no retrieval.
+    mean_object = _swap_predictor(lambda ts, i, j: np.mean([t.target_images for t in ts], axis=0))
+    overall = evaluate.evaluate_orbits(tasks, mean_object, batch_size=len(tasks), progress=False)["overall"]
+    assert overall["conditioning_gain"] == pytest.approx(0.0, abs=1e-9) and overall["retrieval"] == 0.0
+    # White background carries the plain PSNR of the mean object; the foreground metrics don't.
+    assert overall["fg_psnr"] < overall["psnr"] - 3
 
 
 def test_orbit_task_moves_geometry_with_the_cameras(data_dir):

@@ -5,7 +5,12 @@
 
 For every orbit of the TFRecords: reconstruct from view `source_view` (cameras moved to the
 frame where that view is canonical, as in training), render every other view deterministically
-and compare: PSNR, SSIM and LPIPS (AlexNet), averaged over an object's views, then over objects.
+and compare: PSNR, SSIM and LPIPS (AlexNet), foreground PSNR and silhouette IoU (the metrics
+that the white background cannot win; train/metrics.py), averaged over an object's views, then
+over objects. The input-swap test runs on groups of `swap_group` objects: each object's views
+are also rendered from the other sources of its group, giving the conditioning gain (foreground
+PSNR from its own source minus the mean from the others) and the retrieval accuracy (the own
+source reconstructs it best) with its chance level (1 / group size).
 When a record carries `object/surface_points` (ground-truth geometry, written by `render-data`),
 the exported mesh is compared too: Chamfer distance ("mean of means" of nearest-neighbour
 distances, world units; objects are 0.9 across) between points sampled on the mesh and the
@@ -46,6 +51,8 @@ from vfusion3d_jax.rendering.mesh import EmptySurfaceError
 from vfusion3d_jax.train import metrics
 
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
+FOREGROUND_METRICS = ("fg_psnr", "iou")
+SWAP_METRICS = ("conditioning_gain", "retrieval", "retrieval_chance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,7 @@ class OrbitTask:
     source_image: np.ndarray  # (S, S, 3) float32 in [0, 1], over white
     source_camera: np.ndarray  # (16,), canonical pose at the source view's distance
     target_images: np.ndarray  # (M, H, W, 3) float32 over white: every other view
+    target_masks: np.ndarray  # (M, H, W, 1) float32 foreground alpha of the target views
     target_cameras: np.ndarray  # (M, 25) in the canonical frame
     surface_points: np.ndarray | None  # (P, 3) ground-truth surface in the canonical frame
 
@@ -63,8 +71,13 @@ class OrbitTask:
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     images: np.ndarray  # (M, H, W, 3) in [0, 1], the target views as reconstructed
+    opacity: np.ndarray | None = None  # (M, H, W, 1) the rendered opacity of those views
     surface_points: np.ndarray | None = None  # (Q, 3) sampled on the reconstructed surface
     note: str | None = None  # why there are no surface points
+    # The input-swap test: this task's target views reconstructed from the source of every task
+    # of its group, in group order (its own source included), (G, M, H, W, 3) and (G, M, H, W, 1).
+    group_images: np.ndarray | None = None
+    group_opacity: np.ndarray | None = None
 
 
 Predictor = Callable[[list[OrbitTask]], list[Prediction]]
@@ -91,6 +104,8 @@ def orbit_task(orbit: dict, *, source_view: int, source_size: int, resolution: i
     change = source_world_change(orbit["cam2world"][source_view])
     cam2world = (change @ orbit["cam2world"]).astype(np.float32)
     targets = [view for view in range(orbit["num_views"]) if view != source_view]
+    target_images, target_masks = composite_on_white(
+        np.stack([resize_rgba(orbit["images"][v], resolution) for v in targets]))
     points = orbit.get("surface_points")
     if points is not None:
         points = (points.astype(np.float64) @ change[:3, :3].T + change[:3, 3]).astype(np.float32)
@@ -98,22 +113,29 @@ def orbit_task(orbit: dict, *, source_view: int, source_size: int, resolution: i
         object_id=orbit["object_id"],
         source_image=composite_on_white(resize_rgba(orbit["images"][source_view], source_size))[0],
         source_camera=cameras.source_camera(cam2world[source_view], orbit["intrinsics"][source_view]),
-        target_images=composite_on_white(np.stack([resize_rgba(orbit["images"][v], resolution) for v in targets]))[0],
+        target_images=target_images,
+        target_masks=target_masks,
         target_cameras=cameras.render_camera(cam2world[targets], orbit["intrinsics"][targets]),
         surface_points=points,
     )
 
 
 def model_predictor(reconstructor: Reconstructor, config: ml_collections.ConfigDict) -> Predictor:
-    """The checkpoint's reconstructions: planes in batches, renders and meshes per object."""
+    """The checkpoint's reconstructions: planes in batches, renders and meshes per object; with
+    `config.swap_group` > 1 each object's views are rendered from every plane set of its group."""
 
     def predict(tasks: list[OrbitTask]) -> list[Prediction]:
         planes = reconstructor.planes(np.stack([task.source_image for task in tasks]),
                                       np.stack([task.source_camera for task in tasks]))
+        swap = config.swap_group > 1 and len(tasks) > 1
         predictions = []
         for index, task in enumerate(tasks):
-            rendered = reconstructor.render(planes[index:index + 1], task.target_cameras,
-                                            resolution=task.target_images.shape[1])[0]
+            # With the swap test, one call renders this object's cameras from every source.
+            group_images, group_opacity = reconstructor.render(
+                planes if swap else planes[index:index + 1], task.target_cameras,
+                resolution=task.target_images.shape[1], with_opacity=True)
+            own = index if swap else 0
+            rendered, opacity = group_images[own], group_opacity[own]
             points, note = None, None
             if config.chamfer and task.surface_points is not None:
                 try:
@@ -122,13 +144,20 @@ def model_predictor(reconstructor: Reconstructor, config: ml_collections.ConfigD
                     points = np.asarray(trimesh.sample.sample_surface(mesh, config.chamfer_points, seed=0)[0])
                 except EmptySurfaceError:
                     note = f"empty mesh (density never reaches {config.mesh_threshold})"
-            predictions.append(Prediction(rendered, points, note))
+            predictions.append(Prediction(rendered, opacity, points, note, *(
+                (group_images, group_opacity) if swap else ())))
         return predictions
 
     return predict
 
 
 _image_metrics = jax.jit(metrics.image_metrics)
+_foreground_psnr = jax.jit(metrics.foreground_psnr)
+
+
+def _view_mean(values) -> float:
+    values = np.asarray(values, np.float64)
+    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else math.nan
 
 
 def object_metrics(task: OrbitTask, prediction: Prediction, lpips_params) -> dict:
@@ -137,34 +166,63 @@ def object_metrics(task: OrbitTask, prediction: Prediction, lpips_params) -> dic
         raise ValueError(f"{task.object_id}: prediction {prediction.images.shape} != targets "
                          f"{task.target_images.shape}")
     images, references = np.asarray(prediction.images, np.float32), task.target_images
+    masks = dict(opacity=np.asarray(prediction.opacity, np.float32), masks=task.target_masks) if (
+        prediction.opacity is not None) else {}
     if min(images.shape[1:3]) >= metrics.LPIPS_MIN_SIZE[metrics.EVAL_LPIPS_NET]:
-        per_view = _image_metrics(images, references, lpips_params)
+        per_view = _image_metrics(images, references, lpips_params, **masks)
     else:  # too small for AlexNet's pooling: no LPIPS rather than a wrong one
-        per_view = dict(_image_metrics(images, references), lpips=np.full(len(images), np.nan))
+        per_view = dict(_image_metrics(images, references, **masks), lpips=np.full(len(images), np.nan))
+    names = IMAGE_METRICS + (FOREGROUND_METRICS if masks else ())
     result = dict(object_id=task.object_id, num_views=len(images),
-                  **{name: float(np.mean(np.asarray(per_view[name], np.float64))) for name in IMAGE_METRICS})
-    if task.surface_points is not None:
+                  **{name: _view_mean(per_view[name]) for name in names})
+    # No mesh asked for (chamfer off): no Chamfer entry, rather than an "empty mesh".
+    if task.surface_points is not None and (prediction.surface_points is not None or prediction.note):
         if prediction.surface_points is None:
-            result.update(chamfer=math.nan, note=prediction.note or "no surface points predicted")
+            result.update(chamfer=math.nan, note=prediction.note)
         else:
             result.update(metrics.chamfer_distance(np.asarray(prediction.surface_points), task.surface_points))
     return result
+
+
+def swap_scores(tasks: list[OrbitTask], predictions: list[Prediction]) -> np.ndarray | None:
+    """(G, G) foreground PSNR of task i's views reconstructed from task j's source (None without
+    group renders)."""
+    if len(tasks) < 2 or any(p.group_images is None or p.group_opacity is None for p in predictions):
+        return None
+    scores = np.empty((len(tasks), len(tasks)))
+    for i, (task, prediction) in enumerate(zip(tasks, predictions)):
+        if len(prediction.group_images) != len(tasks):
+            raise ValueError(f"{task.object_id}: {len(prediction.group_images)} group renders for a group of "
+                             f"{len(tasks)}")
+        for j in range(len(tasks)):
+            scores[i, j] = _view_mean(_foreground_psnr(
+                np.asarray(prediction.group_images[j], np.float32), task.target_images,
+                np.asarray(prediction.group_opacity[j], np.float32), task.target_masks))
+    return scores
 
 
 def evaluate_orbits(tasks: Iterable[OrbitTask], predict: Predictor, *, batch_size: int,
                     lpips_params=None, keep: int = 4, progress: bool = True) -> dict:
     """Per-object metrics of every task, their means, and thumbnails for the sheet.
 
-    Returns dict(objects=[...], overall={...}, rows={object_id: uint8 comparison row}) where
-    a row is source | `keep` evenly spread target views | the same views rendered.
+    `predict` sees `batch_size` tasks at a time: the groups of the input-swap test when it
+    returns group renders. Returns dict(objects=[...], overall={...}, rows={object_id: uint8
+    comparison row}) where a row is source | `keep` evenly spread target views | the same
+    views rendered.
     """
     lpips_params = lpips_params if lpips_params is not None else metrics.load_lpips_params(metrics.EVAL_LPIPS_NET)
     objects, rows, batch = [], {}, []
     bar = tqdm.tqdm(desc="evaluate", unit="object", disable=not progress)
 
     def flush() -> None:
-        for task, prediction in zip(batch, predict(batch)):
+        predictions = predict(batch)
+        scores = swap_scores(batch, predictions)
+        swap = metrics.input_swap(scores) if scores is not None else None
+        for index, (task, prediction) in enumerate(zip(batch, predictions)):
             objects.append(object_metrics(task, prediction, lpips_params))
+            if swap is not None:
+                objects[-1].update(swap_fg_psnr=float(swap["swapped"][index]), retrieved=bool(swap["retrieved"][index]),
+                                   group_size=len(batch))
             views = np.linspace(0, len(task.target_images) - 1, min(keep, len(task.target_images))).round().astype(int)
             rows[task.object_id] = visualize.to_uint8(visualize.comparison_row(
                 task.source_image, task.target_images[views], prediction.images[views]))
@@ -184,18 +242,27 @@ def evaluate_orbits(tasks: Iterable[OrbitTask], predict: Predictor, *, batch_siz
 
 
 def overall_metrics(objects: list[dict]) -> dict:
-    """Means over objects (each object weighs the same, whatever its number of views)."""
+    """Means over objects (each object weighs the same, whatever its number of views); the
+    input-swap test over the objects that had a group."""
     overall = dict(num_objects=len(objects), num_views=sum(o["num_views"] for o in objects))
-    names = IMAGE_METRICS + (("chamfer", "accuracy", "completeness") if any("chamfer" in o for o in objects) else ())
+    names = IMAGE_METRICS + tuple(name for name in FOREGROUND_METRICS if any(name in o for o in objects))
+    names += ("chamfer", "accuracy", "completeness") if any("chamfer" in o for o in objects) else ()
     for name in names:
         values = [o[name] for o in objects if name in o and not math.isnan(o[name])]
         overall[name] = float(np.mean(values)) if values else math.nan
+    swapped = [o for o in objects if "swap_fg_psnr" in o]
+    if swapped:
+        overall.update(
+            conditioning_gain=float(np.mean([o["fg_psnr"] - o["swap_fg_psnr"] for o in swapped])),
+            retrieval=float(np.mean([o["retrieved"] for o in swapped])),
+            retrieval_chance=float(np.mean([1.0 / o["group_size"] for o in swapped])))
     if "chamfer" in names:
         overall["empty_meshes"] = sum(1 for o in objects if "chamfer" in o and math.isnan(o["chamfer"]))
     return overall
 
 
-_HEADERS = dict(psnr="PSNR (dB) ↑", ssim="SSIM ↑", lpips="LPIPS (AlexNet) ↓", chamfer="Chamfer ↓")
+_HEADERS = dict(psnr="PSNR (dB) ↑", fg_psnr="foreground PSNR (dB) ↑", iou="silhouette IoU ↑", ssim="SSIM ↑",
+                lpips="LPIPS (AlexNet) ↓", chamfer="Chamfer ↓")
 
 
 def _columns(overall: dict) -> list[str]:
@@ -210,9 +277,14 @@ def overall_table(overall: dict) -> str:
     """The means over objects as a one-row Markdown table, under a line of counts."""
     columns = _columns(overall)
     empty = f", {overall['empty_meshes']} empty meshes" if overall.get("empty_meshes") else ""
-    return "\n".join([f"{overall['num_objects']} objects, {overall['num_views']} novel views{empty}", "",
-                      "| " + " | ".join(_HEADERS[c] for c in columns) + " |", "|" + "---|" * len(columns),
-                      "| " + " | ".join(_cell(overall[c]) for c in columns) + " |"])
+    lines = [f"{overall['num_objects']} objects, {overall['num_views']} novel views{empty}", "",
+             "| " + " | ".join(_HEADERS[c] for c in columns) + " |", "|" + "---|" * len(columns),
+             "| " + " | ".join(_cell(overall[c]) for c in columns) + " |"]
+    if "conditioning_gain" in overall:
+        lines += ["", f"Input swap: conditioning gain {overall['conditioning_gain']:+.2f} dB (foreground PSNR from "
+                  f"the own source minus from other objects' sources), retrieval {overall['retrieval']:.2f} "
+                  f"(chance {overall['retrieval_chance']:.2f})"]
+    return "\n".join(lines)
 
 
 def markdown_report(report: dict) -> str:
@@ -255,7 +327,8 @@ def evaluate(checkpoint: str, data: str, workdir: str | Path,
     reconstructor = Reconstructor.from_checkpoint(checkpoint, config)
     tasks = orbit_tasks(data, source_view=config.source_view, source_size=reconstructor.source_size,
                         resolution=config.resolution, max_objects=config.max_objects)
-    report = evaluate_orbits(tasks, model_predictor(reconstructor, config), batch_size=config.batch_size,
+    group = config.swap_group if config.swap_group > 1 else config.batch_size
+    report = evaluate_orbits(tasks, model_predictor(reconstructor, config), batch_size=group,
                              keep=config.sheet_views)
     report["paths"] = write_report(report, workdir, sheet_rows=config.sheet_rows,
                                    extra=dict(checkpoint=str(checkpoint), data=data, config=config.to_dict()))

