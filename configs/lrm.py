@@ -206,6 +206,9 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     # supervision only: LPIPS, no pixel MSE.
     config.train.loss = ml_collections.ConfigDict(dict(
         mse=dict(rendered=1.0, synthetic=0.0),
+        # The pixel MSE over the target's object pixels only (losses.py): small objects over white
+        # would otherwise be supervised mostly by their background.
+        foreground_mse=dict(rendered=0.0, synthetic=0.0),
         lpips=dict(rendered=1.0, synthetic=1.0),
         lpips_net=lpips_net,  # "vgg16" (OpenLRM's training loss) or "alexnet" (cheaper)
         opacity=dict(rendered=1.0, synthetic=1.0),  # rendered opacity vs foreground mask
@@ -241,4 +244,11 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
         resolution=render_size,
         seed=1234,
         grid_rows=4,
+        # The input-swap test: each example's views are also rendered from the planes of this many
+        # other examples of its batch (conditioning gain, retrieval; chance 1 / (1 + input_swap)).
+        # Costs input_swap extra renders per evaluation batch; 0 = off.
+        input_swap=3,
+        # Also the norm of the gradient of the renders with respect to the source image (a backward
+        # pass through full renders: cheap at tiny sizes, memory-hungry at 384 px).
+        source_gradient=variant in ("fixture", "tiny"),
     ))

@@ -141,6 +141,36 @@ def test_metrics_known_answers():
     np.testing.assert_allclose(metrics.ssim(noisy, images), expected, atol=1e-5)
 
 
+def test_foreground_metrics_known_answers():
+    references = np.ones((1, 10, 10, 3), np.float32)  # white, with a 4 x 5 grey object
+    masks = np.zeros((1, 10, 10, 1), np.float32)
+    references[:, 2:6, 2:7], masks[:, 2:6, 2:7] = 0.5, 1.0
+    images, opacity = references.copy(), masks.copy()
+    images[:, 2:6, 2:7] += 0.1  # an error of 0.1 on the object only: 20 dB there, 20 + 10 log10(5) overall
+    np.testing.assert_allclose(metrics.foreground_psnr(images, references, opacity, masks), 20.0, atol=1e-4)
+    np.testing.assert_allclose(metrics.psnr(images, references), 20.0 + 10 * np.log10(5), atol=1e-4)
+    # The rendered silhouette one column wider: 20 of 24 pixels shared; the extra column (white on
+    # white, no error) joins the foreground too.
+    opacity[:, 2:6, 7] = 1.0
+    np.testing.assert_allclose(metrics.silhouette_iou(opacity, masks), 20 / 24, atol=1e-6)
+    np.testing.assert_allclose(metrics.foreground_psnr(images, references, opacity, masks),
+                               -10 * np.log10(0.01 * 20 / 24), atol=1e-4)
+    empty = np.zeros_like(masks)
+    assert np.isnan(metrics.foreground_psnr(references, references, empty, empty)[0])
+    assert metrics.silhouette_iou(empty, empty)[0] == 1.0
+
+
+def test_input_swap_known_answers():
+    scores = np.array([[20.0, 10.0, 12.0], [11.0, 18.0, 19.0], [9.0, 9.0, 15.0]])
+    result = metrics.input_swap(scores)
+    np.testing.assert_allclose(result["gain"], [20 - 11, 18 - 15, 15 - 9])
+    np.testing.assert_array_equal(result["retrieved"], [True, False, True])
+    same = metrics.input_swap(np.full((4, 4), 12.0))  # the input makes no difference: ties never retrieve
+    assert np.all(same["gain"] == 0.0) and not np.any(same["retrieved"])
+    with pytest.raises(ValueError, match="N >= 2"):
+        metrics.input_swap(np.ones((1, 1)))
+
+
 def test_lpips_pretrained_weights():
     yy, xx = np.mgrid[0:64, 0:64] / 63.0
     smooth = np.stack([xx, yy, (xx + yy) / 2], axis=-1)[None].astype(np.float32)
@@ -286,6 +316,25 @@ def single_device(data_dir) -> CompiledStep:
     with sharding.activate(mesh, rules):
         batch = pipeline.to_global_arrays(_host_batch(config), mesh, sharding.batch_spec(rules))
         return CompiledStep(config, mesh, rules, state, trainer.make_train_step(config, state), batch)
+
+
+def test_evaluation_reports_foreground_input_swap_and_source_gradient(data_dir):
+    config = small_config(data_dir, eval__every=1, eval__num_batches=1, eval__batch_size=4, eval__resolution=32,
+                          eval__input_swap=3, eval__grid_rows=2)
+    mesh = _single_device_mesh()
+    state, rules = _init_state(config, mesh)
+    with sharding.activate(mesh, rules):
+        eval_step = trainer.make_eval_step(config, state, mesh, rules)
+        lpips_params = metrics.load_lpips_params(metrics.EVAL_LPIPS_NET)
+        values, grid = trainer.evaluate(config, eval_step, state.model_state, lpips_params, mesh, rules)
+    assert set(values) == {"psnr", "ssim", "lpips", "fg_psnr", "iou", "conditioning_gain", "retrieval",
+                           "retrieval_chance", "source_gradient"}
+    assert all(np.isfinite(value) for value in values.values()), values
+    assert values["retrieval_chance"] == 0.25 and 0.0 <= values["retrieval"] <= 1.0 and 0.0 <= values["iou"] <= 1.0
+    assert values["source_gradient"] > 0.0  # the renders respond to the source image from step 0
+    # The untrained model: about as good (or bad) from any source.
+    assert abs(values["conditioning_gain"]) < 2.0
+    assert grid.shape[0] == 2 * 32 and grid.shape[2] == 3
 
 
 def test_loss_decreases_on_a_fixed_batch(single_device):

@@ -57,7 +57,7 @@ from tensorboardX import SummaryWriter
 from vfusion3d_jax import errors, visualize
 from vfusion3d_jax.data import pipeline
 from vfusion3d_jax.models import LRM, count_parameters
-from vfusion3d_jax.rendering import RenderOptions
+from vfusion3d_jax.rendering import RenderOptions, render_views
 from vfusion3d_jax.train import checkpointing, losses, metrics
 from vfusion3d_jax.train import optimizer as optimizer_lib
 from vfusion3d_jax.train import sharding
@@ -286,23 +286,65 @@ def make_train_step(config: ml_collections.ConfigDict, state: TrainState):
                    out_shardings=(state.model_shardings, state.optimizer_shardings, None))
 
 
+def source_gradient_norm(model: LRM, images: jax.Array, source_cameras: jax.Array, render_cameras: jax.Array, *,
+                         resolution: int, options: RenderOptions) -> jax.Array:
+    """Per example, the L2 norm of the gradient of its mean rendered colour with respect to its
+    source image (N, 3, H, W): how strongly the reconstruction responds to its input. Zero means
+    the path image → planes is cut (a constant input, a stop-gradient, a broadcast over the batch).
+    """
+
+    def mean_colours(model: LRM, images: jax.Array) -> jax.Array:
+        rendered = model(images, source_cameras, render_cameras, resolution=resolution, options=options)
+        return jnp.sum(jnp.mean(rendered["rgb"], axis=(1, 2, 3, 4)))  # examples are independent
+
+    # nnx.grad, not jax.grad: the model's variables may not cross into another trace by closure.
+    gradients = nnx.grad(mean_colours, argnums=1)(model, images.astype(jnp.float32))
+    return jnp.sqrt(jnp.sum(jnp.square(gradients), axis=(1, 2, 3)))
+
+
 def make_eval_step(config: ml_collections.ConfigDict, state: TrainState, mesh: jax.sharding.Mesh,
                    rules: sharding.LogicalRules):
-    """The jitted evaluation: deterministic full renders of the target views, and per-view metrics.
+    """The jitted evaluation: deterministic full renders of the target views, and their metrics.
 
-    Metrics come back replicated (every host can read them), renders split over the batch only.
+    Per view: PSNR, SSIM, LPIPS, foreground PSNR and silhouette IoU. Per example, the input-swap
+    test against the next `config.eval.input_swap` examples of the batch (their planes render
+    this example's views): conditioning gain and whether the own source scores best; and, with
+    `config.eval.source_gradient`, `source_gradient_norm` of each example. Metrics
+    come back replicated (every host can read them), renders split over the batch only.
     """
     options = render_options(config, deterministic=True)
+    num_swaps = min(config.eval.input_swap, config.eval.batch_size - 1)
 
     def eval_step(model_state, batch, lpips_params):
         model = nnx.merge(state.model_graphdef, model_state)
-        targets = batch["target_images"]
-        rendered = model(_source_images(batch), batch["source_camera"], batch["target_cameras"],
-                         resolution=targets.shape[2], options=options)
-        images = jnp.clip(rendered["rgb"], 0.0, 1.0)
+        targets, masks, target_cameras = batch["target_images"], batch["target_masks"], batch["target_cameras"]
+        planes = model.forward_planes(_source_images(batch), batch["source_camera"])
         flat = lambda z: z.reshape((-1,) + z.shape[2:])
-        per_view = metrics.image_metrics(flat(images), flat(targets), lpips_params)
-        return per_view, images
+
+        def render(planes):
+            rendered = render_views(model.decoder, planes, target_cameras, resolution=targets.shape[2],
+                                    options=options)
+            return jnp.clip(rendered["rgb"], 0.0, 1.0), rendered["opacity"]
+
+        def foreground_psnr(images, opacity):  # per example: the mean over its views
+            values = metrics.foreground_psnr(flat(images), flat(targets), flat(opacity), flat(masks))
+            return jnp.nanmean(values.reshape(targets.shape[:2]), axis=1)
+
+        images, opacity = render(planes)
+        values = metrics.image_metrics(flat(images), flat(targets), lpips_params, opacity=flat(opacity),
+                                       masks=flat(masks))
+        if num_swaps:
+            own = foreground_psnr(images, opacity)
+            # Example i's views from the planes of example i + s (s = 1 .. num_swaps, cyclic).
+            swapped = jnp.stack([foreground_psnr(*render(jnp.roll(planes, -shift, axis=0)))
+                                 for shift in range(1, num_swaps + 1)], axis=1)
+            values.update(conditioning_gain=own - jnp.mean(swapped, axis=1),
+                          retrieval=jnp.all(own[:, None] > swapped, axis=1).astype(jnp.float32))
+        if config.eval.source_gradient:
+            values["source_gradient"] = source_gradient_norm(
+                model, _source_images(batch), batch["source_camera"], target_cameras, resolution=targets.shape[2],
+                options=options)
+        return values, images
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     by_example = jax.sharding.NamedSharding(mesh, sharding.batch_spec(rules))
@@ -381,7 +423,8 @@ def image_grid(sources: np.ndarray, targets: np.ndarray, renders: np.ndarray, ro
 
 def evaluate(config: ml_collections.ConfigDict, eval_step, model_state: nnx.State, lpips_params,
              mesh: jax.sharding.Mesh, rules: sharding.LogicalRules) -> tuple[dict[str, float], np.ndarray | None]:
-    """Mean PSNR / SSIM / LPIPS over `config.eval.num_batches` held-out batches, and an image grid.
+    """Means over `config.eval.num_batches` held-out batches (per view, or per example for the
+    input-swap test; NaNs, views with nothing to compare, left out), and an image grid.
 
     The held-out iterator is rebuilt each time with the same seed, so every
     evaluation sees the same objects, views and cameras.
@@ -389,20 +432,21 @@ def evaluate(config: ml_collections.ConfigDict, eval_step, model_state: nnx.Stat
     data = eval_data_config(config)
     iterator = pipeline.make_iterator(data)
     spec = sharding.batch_spec(rules)
-    sums: dict[str, float] = {}
-    count, grid = 0, None
+    collected: dict[str, list[np.ndarray]] = {}
+    grid = None
     for _ in range(config.eval.num_batches):
         host_batch = next(iterator)
         batch = pipeline.to_global_arrays(_model_inputs(host_batch), mesh, spec)
-        per_view, images = eval_step(model_state, batch, lpips_params)
-        per_view = jax.device_get(per_view)
-        for name, values in per_view.items():
-            sums[name] = sums.get(name, 0.0) + float(np.sum(values))
-        count += len(per_view["psnr"])
+        values, images = eval_step(model_state, batch, lpips_params)
+        for name, value in jax.device_get(values).items():
+            collected.setdefault(name, []).append(np.asarray(value, np.float64))
         if grid is None and config.eval.grid_rows > 0:
             renders = _first_host_rows(images, host_batch["target_images"].shape[0])
             grid = image_grid(host_batch["source_image"], host_batch["target_images"], renders, config.eval.grid_rows)
-    return {name: total / count for name, total in sums.items()}, grid
+    means = {name: float(np.nanmean(np.concatenate(parts))) for name, parts in collected.items()}
+    if "retrieval" in means:
+        means["retrieval_chance"] = 1.0 / (1 + min(config.eval.input_swap, config.eval.batch_size - 1))
+    return means, grid
 
 
 def _first_host_rows(array: jax.Array, rows: int) -> np.ndarray:
@@ -428,6 +472,7 @@ def eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     data.target_resolution = config.eval.resolution
     data.target_resize_range = None
     data.patch_size = None
+    data.random_hue = False
     data.seed = config.eval.seed
     data.num_epochs = None  # repeat: every host runs the same number of batches
     return data
