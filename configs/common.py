@@ -66,6 +66,11 @@ def input_config() -> ml_collections.ConfigDict:
     # Side of the random square patch of each target view to supervise; None = the full image.
     config.patch_size = config_dict.placeholder(int)
 
+    # Turn the hue of every view of an example by one random angle (about the grey axis: greys stay
+    # grey, brightness stays). The colours of the target views then exist only in the source view,
+    # so the model can only get them from its input, never from memorising an object.
+    config.random_hue = False
+
     # Metadata filters, applied per record before any image is decoded.
     # Keep records with meta/quality >= quality_min; None = no quality filter.
     config.quality_min = config_dict.placeholder(float)

@@ -189,6 +189,36 @@ def test_patches_are_crops_of_the_full_view_with_matching_cameras(rendered):
             np.testing.assert_allclose(patch_rays[n, k], full_rays[n, k][window], atol=1e-6)
 
 
+def test_hue_rotation_turns_colours_and_keeps_greys():
+    turn = pipeline.hue_rotation(2 * np.pi / 3)  # a third of a turn: red -> green -> blue -> red
+    np.testing.assert_allclose(turn @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(turn @ [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(turn @ [0.3, 0.3, 0.3], [0.3, 0.3, 0.3], atol=1e-12)
+    np.testing.assert_allclose(pipeline.hue_rotation(1.0) @ pipeline.hue_rotation(1.0).T, np.eye(3), atol=1e-12)
+    rgba = np.array([[[200, 40, 40, 255], [128, 128, 128, 0]]], np.uint8)
+    turned = pipeline.rotate_hue(rgba, 2 * np.pi / 3)
+    np.testing.assert_array_equal(turned, [[[40, 200, 40, 255], [128, 128, 128, 0]]])
+
+
+def test_random_hue_turns_every_view_of_an_example_alike(rendered):
+    glob, _ = rendered
+    plain = next(pipeline.make_iterator(_config(glob), shard_index=0, shard_count=1))
+    turned = next(pipeline.make_iterator(_config(glob, random_hue=True), shard_index=0, shard_count=1))
+    # The same views and cameras (the angle is drawn after them); masks unchanged, colours not.
+    for key in ("target_view_indices", "source_view_index", "target_cameras", "target_masks"):
+        np.testing.assert_array_equal(turned[key], plain[key])
+    foreground = plain["target_masks"][..., 0] > 0.99
+    assert np.abs(turned["target_images"] - plain["target_images"])[foreground].mean() > 0.05
+    # One rotation per example: fitted on the source view, it maps every target view (colours
+    # over white with full alpha are linear in the rotation, up to uint8 rounding).
+    for n in range(4):
+        source_plain, source_turned = plain["source_image"][n].reshape(-1, 3), turned["source_image"][n].reshape(-1, 3)
+        rotation, *_ = np.linalg.lstsq(source_plain, source_turned, rcond=None)
+        views = foreground[n]
+        np.testing.assert_allclose(plain["target_images"][n][views] @ rotation, turned["target_images"][n][views],
+                                   atol=0.03)
+
+
 def test_random_resize_crops_match_an_independent_decode(rendered):
     glob, orbits = rendered
     config = _config(glob, patch_size=8, target_resize_range=(10, 16), canonicalize_cameras=False, batch_size=8)

@@ -209,6 +209,7 @@ class ExampleOptions:
     target_resolution: int = 128
     target_resize_range: tuple[int, int] | None = None
     patch_size: int | None = None
+    random_hue: bool = False
 
     def __post_init__(self):
         if self.target_resize_range is not None:
@@ -274,6 +275,20 @@ def resize_rgba(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image, "RGBA").resize((size, size), Image.Resampling.BICUBIC))
 
 
+def hue_rotation(angle: float) -> np.ndarray:
+    """The 3x3 RGB rotation by `angle` radians about the grey axis (1, 1, 1): hues turn, greys and
+    brightness (the mean of R, G, B) stay."""
+    axis = np.full(3, 1.0 / np.sqrt(3.0))
+    cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return np.cos(angle) * np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * np.outer(axis, axis)
+
+
+def rotate_hue(rgba: np.ndarray, angle: float) -> np.ndarray:
+    """uint8 RGBA (..., 4) with the colours turned by `hue_rotation(angle)` (clipped to [0, 255])."""
+    rgb = rgba[..., :3].astype(np.float32) @ hue_rotation(angle).T.astype(np.float32)
+    return np.concatenate([np.clip(np.round(rgb), 0, 255).astype(np.uint8), rgba[..., 3:]], axis=-1)
+
+
 def composite_on_white(rgba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 RGBA (..., 4) → float32 RGB in [0, 1] over a white background (the renderer's), alpha (..., 1)."""
     alpha = rgba[..., 3:].astype(np.float32) * np.float32(1 / 255)
@@ -308,6 +323,8 @@ def make_training_example(record: bytes, rng: np.random.Generator, options: Exam
 
     decoded_views = list(dict.fromkeys([source_view, *target_views.tolist()]))  # each chosen view decoded once
     orbit = orbit_example.decode_orbit(parsed, views=decoded_views)
+    if options.random_hue:
+        orbit["images"] = rotate_hue(orbit["images"], rng.uniform(0.0, 2.0 * np.pi))
     slot = {view: i for i, view in enumerate(decoded_views)}
     target_slots = [slot[view] for view in target_views.tolist()]
     cam2world, intrinsics = orbit["cam2world"], orbit["intrinsics"]
@@ -447,6 +464,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, shard_index: int | None =
         target_resolution=config.target_resolution,
         target_resize_range=None if config.target_resize_range is None else tuple(config.target_resize_range),
         patch_size=config.patch_size,
+        random_hue=config.random_hue,
     )
     read_options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)
     datasets, weights = [], []

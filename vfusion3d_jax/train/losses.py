@@ -1,10 +1,12 @@
 """The LRM's training losses; their weights live in `config.train.loss`.
 
-    total = Σ_b [w_mse(src_b) · MSE_b + w_lpips(src_b) · LPIPS_b + w_opacity(src_b) · opacity_b] / B
-            + w_tv · TV(triplanes)
+    total = Σ_b [w_mse(src_b) · MSE_b + w_fg(src_b) · foreground MSE_b + w_lpips(src_b) · LPIPS_b
+                 + w_opacity(src_b) · opacity_b] / B + w_tv · TV(triplanes)
 
-with MSE and LPIPS between rendered and target views, opacity the MSE between the
-rendered accumulated opacity and the foreground mask (VFusion3D's opacity loss),
+with MSE and LPIPS between rendered and target views, foreground MSE the same error over the
+target's object pixels only (the object's colours weigh the same whatever its size in the
+image: on small objects over white, the plain MSE is mostly background), opacity the MSE
+between the rendered accumulated opacity and the foreground mask (VFusion3D's opacity loss),
 and TV the triplane total variation (OpenLRM, weight 5e-4).
 
 `src_b` is the data source of example b (synthetic = made by the video model,
@@ -31,6 +33,15 @@ def per_example_mse(images: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean squared error over each example's views and pixels: (B,)."""
     error = jnp.square(images.astype(jnp.float32) - targets.astype(jnp.float32))
     return jnp.mean(error, axis=tuple(range(1, error.ndim)))
+
+
+def per_example_foreground_mse(images: jax.Array, targets: jax.Array, masks: jax.Array) -> jax.Array:
+    """Squared error averaged over the pixels of each example's views that the target's mask
+    covers, weighted by the mask: (B,); 0 for an example without foreground."""
+    error = jnp.mean(jnp.square(images.astype(jnp.float32) - targets.astype(jnp.float32)), axis=-1, keepdims=True)
+    axes = tuple(range(1, error.ndim))
+    weights = masks.astype(jnp.float32)
+    return jnp.sum(error * weights, axis=axes) / jnp.maximum(jnp.sum(weights, axis=axes), 1.0)
 
 
 def per_example_lpips(params: dict[str, Any], images: jax.Array, targets: jax.Array, net: str) -> jax.Array:
@@ -82,6 +93,10 @@ def lrm_loss(rendered: dict[str, jax.Array], targets: jax.Array, masks: jax.Arra
     mse = per_example_mse(rendered["rgb"], targets)
     per_example = source_weights(config.mse, is_synthetic) * mse
     terms = {"mse": jnp.mean(mse)}
+    if _is_used(config.foreground_mse):
+        foreground = per_example_foreground_mse(rendered["rgb"], targets, masks)
+        per_example += source_weights(config.foreground_mse, is_synthetic) * foreground
+        terms["foreground_mse"] = jnp.mean(foreground)
     if uses_lpips(config):
         lpips = per_example_lpips(lpips_params, rendered["rgb"], targets, config.lpips_net)
         per_example += source_weights(config.lpips, is_synthetic) * lpips
