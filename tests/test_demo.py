@@ -21,6 +21,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     config.evaluate.update(mesh_resolution=16, sheet_rows=1)
     config.infer.update(render_size=16, num_frames=3, preview_views=2, mesh_resolution=16)
     config.num_images = 1
+    config.num_unseen = 2
 
     result = run_demo(config, str(tmp_path), [])
 
@@ -32,4 +33,9 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert written["overall"]["num_objects"] == result["report"]["overall"]["num_objects"] >= 1
     [item] = result["summary"]["processed"]
     assert media.count_video_frames(item["outputs"]["video"]) == 3
-    assert set(result["seconds"]) == {"data", "train", "evaluate", "infer"}
+    assert set(result["seconds"]) == {"data", "train", "evaluate", "unseen", "infer"}
+    # Both evaluations run the input-swap test and the foreground metrics.
+    for report in (result["report"], result["unseen"]):
+        assert {"fg_psnr", "iou", "conditioning_gain", "retrieval", "retrieval_chance"} <= set(report["overall"])
+    assert result["unseen"]["overall"]["num_objects"] == 2
+    assert "Input swap: conditioning gain" in printed and "Unseen objects" in printed

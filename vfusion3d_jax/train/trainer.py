@@ -331,6 +331,8 @@ def make_eval_step(config: ml_collections.ConfigDict, state: TrainState, mesh: j
             return jnp.nanmean(values.reshape(targets.shape[:2]), axis=1)
 
         images, opacity = render(planes)
+        if min(targets.shape[2:4]) < metrics.LPIPS_MIN_SIZE[metrics.EVAL_LPIPS_NET]:
+            lpips_params = None  # too small for the network's pooling: no LPIPS rather than an error
         values = metrics.image_metrics(flat(images), flat(targets), lpips_params, opacity=flat(opacity),
                                        masks=flat(masks))
         if num_swaps:
