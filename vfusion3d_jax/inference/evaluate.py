@@ -52,7 +52,6 @@ from vfusion3d_jax.train import metrics
 
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
 FOREGROUND_METRICS = ("fg_psnr", "iou")
-SWAP_METRICS = ("conditioning_gain", "retrieval", "retrieval_chance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +220,8 @@ def evaluate_orbits(tasks: Iterable[OrbitTask], predict: Predictor, *, batch_siz
         for index, (task, prediction) in enumerate(zip(batch, predictions)):
             objects.append(object_metrics(task, prediction, lpips_params))
             if swap is not None:
-                objects[-1].update(swap_fg_psnr=float(swap["swapped"][index]), retrieved=bool(swap["retrieved"][index]),
+                objects[-1].update(conditioning_gain=float(swap["gain"][index]),
+                                   swap_fg_psnr=float(swap["swapped"][index]), retrieved=bool(swap["retrieved"][index]),
                                    group_size=len(batch))
             views = np.linspace(0, len(task.target_images) - 1, min(keep, len(task.target_images))).round().astype(int)
             rows[task.object_id] = visualize.to_uint8(visualize.comparison_row(
@@ -253,7 +253,7 @@ def overall_metrics(objects: list[dict]) -> dict:
     swapped = [o for o in objects if "swap_fg_psnr" in o]
     if swapped:
         overall.update(
-            conditioning_gain=float(np.mean([o["fg_psnr"] - o["swap_fg_psnr"] for o in swapped])),
+            conditioning_gain=float(np.mean([o["conditioning_gain"] for o in swapped])),
             retrieval=float(np.mean([o["retrieved"] for o in swapped])),
             retrieval_chance=float(np.mean([1.0 / o["group_size"] for o in swapped])))
     if "chamfer" in names:

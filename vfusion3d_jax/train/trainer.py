@@ -302,6 +302,11 @@ def source_gradient_norm(model: LRM, images: jax.Array, source_cameras: jax.Arra
     return jnp.sqrt(jnp.sum(jnp.square(gradients), axis=(1, 2, 3)))
 
 
+def _num_swaps(config: ml_collections.ConfigDict) -> int:
+    """Other sources each held-out example is rendered from: at most the rest of its eval batch."""
+    return min(config.eval.input_swap, config.eval.batch_size - 1)
+
+
 def make_eval_step(config: ml_collections.ConfigDict, state: TrainState, mesh: jax.sharding.Mesh,
                    rules: sharding.LogicalRules):
     """The jitted evaluation: deterministic full renders of the target views, and their metrics.
@@ -313,7 +318,7 @@ def make_eval_step(config: ml_collections.ConfigDict, state: TrainState, mesh: j
     come back replicated (every host can read them), renders split over the batch only.
     """
     options = render_options(config, deterministic=True)
-    num_swaps = min(config.eval.input_swap, config.eval.batch_size - 1)
+    num_swaps = _num_swaps(config)
 
     def eval_step(model_state, batch, lpips_params):
         model = nnx.merge(state.model_graphdef, model_state)
@@ -447,7 +452,7 @@ def evaluate(config: ml_collections.ConfigDict, eval_step, model_state: nnx.Stat
             grid = image_grid(host_batch["source_image"], host_batch["target_images"], renders, config.eval.grid_rows)
     means = {name: float(np.nanmean(np.concatenate(parts))) for name, parts in collected.items()}
     if "retrieval" in means:
-        means["retrieval_chance"] = 1.0 / (1 + min(config.eval.input_swap, config.eval.batch_size - 1))
+        means["retrieval_chance"] = 1.0 / (1 + _num_swaps(config))
     return means, grid
 
 
