@@ -484,18 +484,25 @@ def load_checkpoint_config(checkpoint_dir: str | Path, step: int | None = None) 
     return ml_collections.ConfigDict(restored["config"])
 
 
-def load_lrm(checkpoint_dir: str | Path, step: int | None = None) -> LRM:
-    """The LRM of a converted (or trained) checkpoint, on the default device, config from the checkpoint."""
+def load_model(checkpoint_dir: str | Path, abstract_model: Callable[[ml_collections.ConfigDict], nnx.Module],
+               step: int | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+    """The model of a converted (or trained) checkpoint, on the default device, and the checkpoint's
+    config; `abstract_model(config.model)` gives the model's shapes (e.g. `abstract_lrm`)."""
     manager = _checkpoint_manager(checkpoint_dir)
     step = _latest_step(manager, step)
     config = ml_collections.ConfigDict(
         manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-    graphdef, state = nnx.split(abstract_lrm(config.model))
+    graphdef, state = nnx.split(abstract_model(config.model))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
     restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
     nnx.replace_by_pure_dict(state, restored["model"])
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, state), config
+
+
+def load_lrm(checkpoint_dir: str | Path, step: int | None = None) -> LRM:
+    """The LRM of a converted (or trained) checkpoint, on the default device, config from the checkpoint."""
+    return load_model(checkpoint_dir, abstract_lrm, step)[0]
 
 
 def convert(checkpoint: str | Path, workdir: str | Path, config: ml_collections.ConfigDict | None = None) -> Path:
@@ -537,4 +544,9 @@ def convert_command(config: ml_collections.ConfigDict | None, workdir: str | Non
         raise errors.UsageError("convert needs --checkpoint=PATH (.pth/.pt/.bin or .safetensors) and --workdir=DIR")
     if args:
         raise errors.UsageError(f"convert takes no positional arguments, got {args}")
-    convert(checkpoint, workdir, config)
+    from vfusion3d_jax.models.wan import convert as wan_convert  # imports this module
+
+    if wan_convert.is_diffusers_checkpoint(checkpoint):
+        wan_convert.convert(checkpoint, workdir, config)
+    else:
+        convert(checkpoint, workdir, config)
