@@ -9,6 +9,8 @@ coefficients that depend on the noise levels only; they are computed on the host
 (`unipc_coefficients`), so the scanned step is a few multiply-adds.
 
 Guidance (`guided_velocity`) evaluates the conditions in one batch, as in Wan's pipelines.
+The velocity runs inside `lax.scan`: an NNX model must enter it as state, merged inside
+(`nnx.merge(graphdef, state, copy=True)`), not as a module captured by the closure.
 """
 
 from __future__ import annotations
