@@ -20,10 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.data = load_config("data.py:demo")
     # ~7 minutes of training on 2 cores: 360 steps of 32 px renders, then 50 of 64 px renders
-    # supervised by 32 px patches (fine-tuning on rendered data). The recipe that makes tiny take its input's colours (benchmarks/RESULTS.md, "Does
-    # the LRM use its input?"): every example's hue turned at random, so colour exists only in the
-    # source view; a loss on the object's pixels alone; 7 px patches (objects ~45% of the frame
-    # cover ~7x7 tokens instead of ~3x3); a higher learning rate.
+    # supervised by 32 px patches (fine-tuning on rendered data). The recipe that makes tiny use its
+    # input (benchmarks/RESULTS.md, "Does the LRM use its input?"): tiny's source projection (each
+    # triplane token starts from the image feature it projects to); every example's hue turned at
+    # random, so colour exists only in the source view; a loss on the object's pixels alone; 7 px
+    # patches (objects ~45% of the frame cover ~7x7 tokens instead of ~3x3); a higher learning rate.
     config.lrm = load_config("lrm.py:tiny")
     config.lrm.model.encoder.patch_size = 7
     config.lrm.data.random_hue = True

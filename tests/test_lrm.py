@@ -27,9 +27,11 @@ import pytest
 from conftest import FIXTURE_DIR
 from flax import nnx
 
+from vfusion3d_jax import cameras as cameras_lib
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.models import convert, layers, lrm, vit
 from vfusion3d_jax.rendering import RenderOptions, query_points
+from vfusion3d_jax.rendering.triplane import sample_from_planes
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 FIXTURE_WEIGHTS = FIXTURE_DIR / "model.safetensors"
@@ -324,3 +326,45 @@ def test_bfloat16_compute_stays_close(state_dict, reference):
     assert relative < 0.03, relative  # bfloat16 keeps 8 mantissa bits
     grads = nnx.eval_shape(lambda m: nnx.grad(lambda m: m.forward_planes(images, cameras).sum())(m), model)
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(grads))} == {jnp.dtype(jnp.float32)}
+
+
+def test_source_projection_matches_the_camera_model():
+    points = lrm.triplane_token_points(4)
+    intrinsics = cameras_lib.intrinsics_matrix(0.8, 0.7, 0.52, 0.47)
+    cam2world = cameras_lib.orbit_cam2world(np.array([0.0, 37.0]), np.array([0.0, 20.0]), 1.7)
+    source = jnp.asarray(cameras_lib.source_camera(cam2world, intrinsics))
+    projected = np.asarray(lrm.project_to_source(jnp.asarray(points), source))
+    for view in range(2):
+        assert_close(projected[view], cameras_lib.project_points(points, cam2world[view], intrinsics))
+
+
+def test_token_points_are_the_token_centres_of_the_planes():
+    """A plane whose 2x2 pixels of token t hold t, read at token t's point, gives t on t's plane."""
+    low_res = 4
+    token_ids = np.arange(3 * low_res**2, dtype=np.float32).reshape(3, 1, low_res, low_res)
+    planes = jnp.asarray(token_ids.repeat(2, axis=2).repeat(2, axis=3))
+    features = sample_from_planes(planes, jnp.asarray(lrm.triplane_token_points(low_res)))  # (3, P, 1)
+    own_plane = np.asarray(features)[np.repeat(np.arange(3), low_res**2), np.arange(3 * low_res**2), 0]
+    np.testing.assert_allclose(own_plane, token_ids.ravel(), atol=1e-5)
+
+
+def test_bilinear_sample_matches_map_coordinates_with_zero_padding():
+    grid = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    coords = jax.random.uniform(jax.random.key(1), (2, 40, 2), minval=-1.5, maxval=6.5)
+    sampled = lrm.bilinear_sample(grid, coords)
+    for n in range(2):
+        for d in range(3):
+            expected = jax.scipy.ndimage.map_coordinates(grid[n, :, :, d], [coords[n, :, 1], coords[n, :, 0]],
+                                                         order=1, mode="constant", cval=0.0)
+            assert_close(sampled[n, :, d], expected)
+
+
+def test_source_projection_starts_at_zero_and_learns():
+    config = load_config("lrm.py:fixture", model__source_projection=True).model
+    model = lrm.LRM(config, rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(0), (2, 3, 64, 64))
+    source = jnp.asarray(cameras_lib.canonical_source_camera())[None].repeat(2, 0)
+    without = model.transformer(model.encode_image(images), model.embed_camera(source))
+    assert_close(model.forward_planes(images, source), without)
+    grads = nnx.grad(lambda m: jnp.sum(m.forward_planes(images, source) ** 2))(model)
+    assert np.abs(np.asarray(grads.source_projection.proj.kernel[...])).max() > 0

@@ -6,6 +6,11 @@
         ModLN → MLP] × L──▶ LayerNorm ──per-plane 2x2 stride-2 deconv──▶ planes (N, 3, C, 2r, 2r)
     planes + render cameras (N, M, 25) ──TriplaneDecoder + ray marching──▶ images
 
+With `source_projection` on (this project's addition, off for the official variants), each
+triplane token starts from its learned embedding plus the image feature where the token's centre
+projects into the source view (`SourceProjection`): the frontal silhouette and colours reach the
+right tokens at step 0 instead of after cross-attention has learned where to look.
+
 Numerically equal to the official `LRMGenerator` (see tests/fixtures/vfusion3d_reference);
 `vfusion3d_jax.models.convert` imports its weights. Images are channel-first (NCHW) like the
 official model and the planes; the renderer returns channels-last images.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from vfusion3d_jax.models import layers
@@ -37,6 +43,82 @@ class CameraEmbedder(nnx.Module):
 
     def __call__(self, cameras: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.silu(self.fc1(cameras)))
+
+
+def triplane_token_points(low_res: int) -> np.ndarray:
+    """World points (3·r², 3) at the centres of the triplane tokens (token order of `TriplaneTransformer`).
+
+    Plane 0 spans (x, y), plane 1 (x, z), plane 2 (z, y) as (columns, rows) (rendering/triplane.py),
+    each over the box [-1, 1]; a token's point has 0 for the plane's third coordinate.
+    """
+    centres = (np.arange(low_res) + 0.5) * (2.0 / low_res) - 1.0
+    rows, cols = (a.ravel() for a in np.meshgrid(centres, centres, indexing="ij"))
+    zeros = np.zeros_like(rows)
+    return np.concatenate([np.stack(xyz, -1) for xyz in ((cols, rows, zeros), (cols, zeros, rows),
+                                                           (zeros, rows, cols))]).astype(np.float32)
+
+
+def project_to_source(points: jax.Array, source_cameras: jax.Array) -> jax.Array:
+    """Normalised image coordinates (N, P, 2) (x right, y down, [0, 1] spans the image) of world
+    points (P, 3) in each source camera (N, 16) (cameras.py conventions: OpenGL axes, no skew)."""
+    cam2world = source_cameras[:, :12].reshape(-1, 3, 4)
+    focal, centre = source_cameras[:, None, 12:14], source_cameras[:, None, 14:16]
+    in_camera = jnp.einsum("nji,npj->npi", cam2world[:, :, :3], points[None] - cam2world[:, None, :, 3])
+    depth = jnp.maximum(-in_camera[..., 2:3], 1e-3)  # the camera looks along its -z
+    return focal * in_camera[..., :2] * jnp.array([1.0, -1.0]) / depth + centre  # image y points down
+
+
+def bilinear_sample(grid: jax.Array, coords: jax.Array) -> jax.Array:
+    """Features (N, P, D) of a grid (N, H, W, D) at float32 coords (N, P, 2) = (x, y) in cells (cell
+    k's centre at k), zero outside the grid (grid_sample with zero padding)."""
+    num, height, width, dim = grid.shape
+    flat = grid.reshape(num, height * width, dim)
+    lower = jnp.floor(coords)
+    features = jnp.zeros(coords.shape[:2] + (dim,), jnp.float32)
+    for corner in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        tap = lower + jnp.array(corner, coords.dtype)
+        weight = jnp.prod(1.0 - jnp.abs(coords - tap), axis=-1)
+        inside = (tap[..., 0] >= 0) & (tap[..., 0] < width) & (tap[..., 1] >= 0) & (tap[..., 1] < height)
+        index = (jnp.clip(tap[..., 1], 0, height - 1) * width + jnp.clip(tap[..., 0], 0, width - 1)).astype(jnp.int32)
+        values = jnp.take_along_axis(flat, index[..., None], axis=1)
+        features = features + jnp.where(inside, weight, 0.0)[..., None] * values
+    return features.astype(grid.dtype)
+
+
+# Unit normals of the planes (x, y), (x, z), (z, y).
+PLANE_NORMALS = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], np.float32)
+
+
+class SourceProjection(nnx.Module):
+    """Triplane tokens' pixel-aligned start: Linear(image feature at each token centre's projection),
+    weighted per plane by how squarely the plane faces the source camera (|cos| of normal and view axis).
+
+    A plane seen edge-on would copy one image column along the depth of the whole box (streaks
+    that the decoder must unlearn); the plane facing the camera gets the image one to one. The
+    kernel starts at zero, so the model computes what the model without it computes until
+    training moves it (an imported model is unchanged); its gradient is not zero.
+    """
+
+    def __init__(self, low_res: int, patch_size: int, num_prefix_tokens: int, context_dim: int, dim: int, *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.low_res, self.patch_size, self.num_prefix_tokens = low_res, patch_size, num_prefix_tokens
+        self.proj = nnx.Linear(context_dim, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                               kernel_init=layers.partitioned(nnx.initializers.zeros_init(), None, "embed"),
+                               rngs=rngs)
+
+    def __call__(self, image_features: jax.Array, image_size: tuple[int, int], source_cameras: jax.Array
+                 ) -> jax.Array:
+        """Image tokens (N, prefix + h·w, D_enc) of (H, W) images -> token offsets (N, 3·r², D)."""
+        height, width = image_size
+        rows, cols = height // self.patch_size, width // self.patch_size
+        grid = image_features[:, self.num_prefix_tokens:].reshape(-1, rows, cols, image_features.shape[-1])
+        source_cameras = source_cameras.astype(jnp.float32)
+        uv = project_to_source(jnp.asarray(triplane_token_points(self.low_res)), source_cameras)
+        cells = uv * jnp.array([width, height], jnp.float32) / self.patch_size - 0.5
+        view_axes = source_cameras[:, :12].reshape(-1, 3, 4)[:, :, 2]  # the camera's z axis in the world
+        facing = jnp.abs(view_axes @ jnp.asarray(PLANE_NORMALS).T) / jnp.linalg.norm(view_axes, axis=-1, keepdims=True)
+        weights = jnp.repeat(facing, self.low_res**2, axis=1)[..., None]  # (N, 3·r², 1)
+        return self.proj(bilinear_sample(grid, cells) * weights.astype(grid.dtype))
 
 
 class TriplaneBlock(nnx.Module):
@@ -106,11 +188,16 @@ class TriplaneTransformer(nnx.Module):
         self.norm = layers.layer_norm(tf.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.upsampler = TriplaneUpsampler(tf.dim, config.triplane_dim, param_dtype=param_dtype, rngs=rngs)
 
-    def tokens(self, image_features: jax.Array, cond: jax.Array, *, return_layer_outputs: bool = False
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """Final-LayerNorm triplane tokens (N, 3·r², D) (and every layer's output (L, N, 3·r², D) if asked)."""
+    def tokens(self, image_features: jax.Array, cond: jax.Array, *, token_offsets: jax.Array | None = None,
+               return_layer_outputs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Final-LayerNorm triplane tokens (N, 3·r², D) (and every layer's output (L, N, 3·r², D) if asked).
+
+        `token_offsets` (N, 3·r², D), if given, are added to the learned tokens before the first layer.
+        """
         num = image_features.shape[0]
         x = jnp.broadcast_to(self.pos_embed[...].astype(self.dtype), (num,) + self.pos_embed.shape[1:])
+        if token_offsets is not None:
+            x = x + token_offsets.astype(self.dtype)
         context, cond = image_features.astype(self.dtype), cond.astype(self.dtype)
         x, layer_outputs = layers.scan_layers(self.blocks, x, lambda block, h: block(h, context, cond),
                                               remat=self.remat, return_layer_outputs=return_layer_outputs)
@@ -121,8 +208,9 @@ class TriplaneTransformer(nnx.Module):
         """Final tokens (N, 3·r², D) -> planes (N, 3, C, 2r, 2r) in float32."""
         return self.upsampler(tokens.reshape(tokens.shape[0], NUM_PLANES, self.low_res, self.low_res, -1))
 
-    def __call__(self, image_features: jax.Array, cond: jax.Array) -> jax.Array:
-        return self.planes(self.tokens(image_features, cond))
+    def __call__(self, image_features: jax.Array, cond: jax.Array, token_offsets: jax.Array | None = None
+                 ) -> jax.Array:
+        return self.planes(self.tokens(image_features, cond, token_offsets=token_offsets))
 
 
 class LRM(nnx.Module):
@@ -139,6 +227,9 @@ class LRM(nnx.Module):
                                          attention_implementation=config.attention_implementation, **kwargs)
         self.camera_embedder = CameraEmbedder(config.camera_embed_dim, **kwargs)
         self.transformer = TriplaneTransformer(config, **kwargs)
+        self.source_projection = SourceProjection(
+            config.triplane_low_res, config.encoder.patch_size, 1 + config.encoder.num_register_tokens,
+            config.encoder.dim, config.transformer.dim, **kwargs) if config.get("source_projection") else None
         self.decoder = TriplaneDecoder(config.triplane_dim, config.decoder.hidden_dim, config.decoder.num_layers,
                                        **kwargs)
 
@@ -152,7 +243,10 @@ class LRM(nnx.Module):
 
     def forward_planes(self, images: jax.Array, source_cameras: jax.Array) -> jax.Array:
         """Images (N, 3, H, W) in [0, 1] and source cameras (N, 16) -> planes (N, 3, C, 2r, 2r) float32."""
-        return self.transformer(self.encode_image(images), self.embed_camera(source_cameras))
+        image_features = self.encode_image(images)
+        offsets = (None if self.source_projection is None
+                   else self.source_projection(image_features, images.shape[-2:], source_cameras))
+        return self.transformer(image_features, self.embed_camera(source_cameras), offsets)
 
     def __call__(self, images: jax.Array, source_cameras: jax.Array, render_cameras: jax.Array, *,
                  resolution: int, options: RenderOptions = DEFAULT_RENDER_OPTIONS, key: jax.Array | None = None,
