@@ -32,7 +32,6 @@ from vfusion3d_jax.inference import evaluate, infer, media
 from vfusion3d_jax.inference.reconstruct import Reconstructor
 from vfusion3d_jax.models import LRM, convert
 from vfusion3d_jax.rendering.triplane import query_grid
-from vfusion3d_jax.train import metrics
 from vfusion3d_jax.train.metrics import chamfer_distance
 
 NUM_FRAMES = 6

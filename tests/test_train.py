@@ -23,7 +23,7 @@ from vfusion3d_jax import cameras
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data import example, pipeline, tfrecord
 from vfusion3d_jax.models import LRM, convert
-from vfusion3d_jax.train import checkpointing, losses, metrics, optimizer, sharding, trainer
+from vfusion3d_jax.train import checkpointing, losses, lrm_task, metrics, optimizer, sharding, trainer
 
 NUM_TRAIN, NUM_HELD_OUT = 8, 4
 
@@ -88,7 +88,7 @@ def _params(state: trainer.TrainState) -> dict:
 
 
 def _host_batch(config) -> dict:
-    return trainer._model_inputs(next(pipeline.make_iterator(trainer.make_stages(config)[0].data)))
+    return trainer.model_inputs(config, next(pipeline.make_iterator(trainer.make_stages(config)[0].data)))
 
 
 def _init_state(config, mesh):
@@ -249,7 +249,7 @@ def test_learning_rate_schedule():
 def test_camera_noise_only_moves_synthetic_cameras():
     config = load_config("lrm.py:tiny", train__camera_noise__source=True).train.camera_noise
     batch = _host_batch_from_orbits()
-    source, render = trainer.inject_camera_noise(jax.random.key(0), batch["source_camera"], batch["target_cameras"],
+    source, render = lrm_task.inject_camera_noise(jax.random.key(0), batch["source_camera"], batch["target_cameras"],
                                                  jnp.array([0.0, 1.0]), config)
     np.testing.assert_array_equal(source[0], batch["source_camera"][0])
     np.testing.assert_array_equal(render[0], batch["target_cameras"][0])

@@ -26,6 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -156,3 +157,15 @@ def per_device_bytes(tree: Any) -> int:
             if shard.device == device:
                 total += shard.data.nbytes
     return total
+
+
+def first_host_rows(array: jax.Array, rows: int) -> np.ndarray:
+    """This host's first `rows` examples of a global array split over its batch axis only."""
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    seen, parts = set(), []
+    for shard in shards:
+        start = shard.index[0].start or 0
+        if start not in seen:
+            seen.add(start)
+            parts.append(np.asarray(shard.data))
+    return np.concatenate(parts)[:rows]
