@@ -48,13 +48,18 @@ def input_config() -> ml_collections.ConfigDict:
     # Drop a last partial batch (keeps shapes static for jit; turn off only for exact evaluation).
     config.drop_remainder = True
 
+    # The kind of example (vfusion3d_jax/data/pipeline.py's docstring has each batch's keys):
+    # 'views' = one source and num_target_views target views (the LRM); 'clip' = num_frames views
+    # going around the orbit in order, with the caption (the video diffusion model).
+    config.example = "views"
+
     # Views per example: one source view (the encoder input) and num_target_views supervision views.
     config.num_target_views = 4
     # VFusion3D/OpenLRM supervise on the source view plus 3 others: the source view is target 0.
     config.include_source_in_targets = True
     # Express every camera in the frame where the source camera has the official canonical pose
     # (cameras.CANONICAL_SOURCE_CAM2WORLD's rotation, at the source view's own distance), as the
-    # official inferrer assumes; False keeps the cameras of the record.
+    # official inferrer assumes (for clips: frame 0's); False keeps the cameras of the record.
     config.canonicalize_cameras = True
     # Side of the square source image given to the encoder (official: 512).
     config.source_resolution = 512
@@ -66,9 +71,24 @@ def input_config() -> ml_collections.ConfigDict:
     # Side of the random square patch of each target view to supervise; None = the full image.
     config.patch_size = config_dict.placeholder(int)
 
+    # Clips (example = 'clip'). Frames per clip: views of one orbit from a random start, in order of
+    # azimuth, wrapping around (the paper's orbits have 16 views).
+    config.num_frames = 16
+    # Side of the square frames (the orbits rendered by configs/data.py:builtin are 128 px).
+    config.clip_resolution = 128
+    # Views from one frame to the next; None = num_views // num_frames, spread over the whole orbit;
+    # 1 = consecutive views (a short arc). A clip never comes back to a view it already holds.
+    config.clip_stride = config_dict.placeholder(int)
+    # Bytes of a clip's caption (object/caption, UTF-8) in caption_bytes: zero-padded, and cut
+    # after the last whole word that fits. Procedural objects' captions run to ~165 bytes
+    # (median ~75): 48 keeps the largest part or two of an object.
+    config.caption_length = 48
+
     # Turn the hue of every view of an example by one random angle (about the grey axis: greys stay
     # grey, brightness stays). The colours of the target views then exist only in the source view,
-    # so the model can only get them from its input, never from memorising an object.
+    # so the model can only get them from its input, never from memorising an object. A clip's
+    # frames turn alike; its caption's colour words then no longer hold, so leave this off when
+    # conditioning on captions.
     config.random_hue = False
 
     # Metadata filters, applied per record before any image is decoded.
@@ -91,3 +111,23 @@ def input_config() -> ml_collections.ConfigDict:
     # Examples read ahead, per dataset and per process.
     config.read_buffer_size = 32
     return config
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """Mesh axes (data, fsdp, tensor; -1 = the remaining devices) and logical-axis rules, one entry
+    per logical name of models/layers.py LOGICAL_AXES plus the activations' batch axes."""
+    return ml_collections.ConfigDict(dict(
+        shape=dict(data=1, fsdp=-1, tensor=1),
+        logical_rules=(
+            ("batch", ("data", "fsdp")),
+            ("act_batch", ("data", "fsdp")),
+            ("act_rays", "tensor"),
+            ("layers", None),
+            ("embed", "fsdp"),
+            ("mlp", "tensor"),
+            ("heads", "tensor"),
+            ("cond", None),
+            ("tokens", None),
+            ("channels", None),
+        ),
+    ))

@@ -42,8 +42,12 @@ from ml_collections import config_dict
 from vfusion3d_jax.configs import config_module
 
 
+def _common():
+    return config_module(str(Path(__file__).with_name("common.py")))
+
+
 def _input_config() -> ml_collections.ConfigDict:
-    return config_module(str(Path(__file__).with_name("common.py"))).input_config()
+    return _common().input_config()
 
 
 # name: (encoder dim, layers, heads, pretraining image size), camera embedding,
@@ -132,23 +136,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     config.data = _input_config()
     config.data.source_resolution = source_size
     config.data.target_resolution = min(render_size, 128)
-    # Mesh axes (data, fsdp, tensor; -1 = the remaining devices) and logical-axis rules, one entry
-    # per logical name of models/layers.py LOGICAL_AXES plus the activations' batch axes.
-    config.mesh = ml_collections.ConfigDict(dict(
-        shape=dict(data=1, fsdp=-1, tensor=1),
-        logical_rules=(
-            ("batch", ("data", "fsdp")),
-            ("act_batch", ("data", "fsdp")),
-            ("act_rays", "tensor"),
-            ("layers", None),
-            ("embed", "fsdp"),
-            ("mlp", "tensor"),
-            ("heads", "tensor"),
-            ("cond", None),
-            ("tokens", None),
-            ("channels", None),
-        ),
-    ))
+    config.mesh = _common().mesh_config()
     training_config(config, variant)
     return config
 

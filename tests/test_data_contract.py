@@ -151,6 +151,7 @@ def test_minimal_record_has_count_size_and_azimuth_derived():
     assert (metadata.num_views, metadata.height, metadata.width) == (5, 12, 10)
     assert metadata.object_id == truth["object_id"] and metadata.source == "synthetic"
     assert math.isnan(metadata.quality) and metadata.elevation_deg == pytest.approx(truth["elevation"], abs=1e-5)
+    assert metadata.caption == ""  # object/caption is optional
     decoded = example.decode_orbit(record)
     np.testing.assert_array_equal(decoded["images"], truth["images"])
     np.testing.assert_array_equal(decoded["cam2world"], truth["cam2world"])

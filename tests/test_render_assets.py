@@ -210,6 +210,11 @@ def test_render_dataset_end_to_end(tmp_path, capsys):
     background = orbit["images"][..., 3] == 0
     assert (orbit["images"][..., :3][background] == 255).all()
 
+    # Every object has a caption: the asset's name, or a procedural object's shapes and colours.
+    captions = {read_metadata(record).object_id: read_metadata(record).caption for record in records}
+    assert all(captions.values()), captions
+    assert captions["user/tall_box.obj"] == "a tall box" and captions["pybullet_data/duck_vhacd"] == "a duck"
+
     # Surface points in the world frame of the normalised asset (longest side object_size 0.9).
     for record in records:
         points = decode_orbit(record, views=[])["surface_points"]

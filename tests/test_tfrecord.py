@@ -176,6 +176,24 @@ def test_surface_points_round_trip_and_absence():
         example.encode_orbit(**orbit, surface_points=points[:, :2])
 
 
+def test_caption_round_trip_and_absence():
+    orbit = example.random_orbit(np.random.default_rng(7), num_views=2, resolution=4)
+    with_caption = example.encode_orbit(**orbit, caption="a grüne torus")
+    assert example.read_metadata(with_caption).caption == "a grüne torus"
+    assert example.decode_orbit(with_caption, views=[])["caption"] == "a grüne torus"
+    without = example.encode_orbit(**orbit)
+    assert "object/caption" not in example.parse_example(without).features.feature
+    assert example.read_metadata(without).caption == "" and example.decode_orbit(without)["caption"] == ""
+    # A damaged caption does not stop a reader (most never use it); a wrong type is a schema error.
+    parsed = example.parse_example(with_caption)
+    parsed.features.feature["object/caption"].bytes_list.value[0] = b"a \xff torus"
+    assert example.read_metadata(parsed).caption == "a \ufffd torus"
+    del parsed.features.feature["object/caption"]
+    parsed.features.feature["object/caption"].int64_list.value.append(1)
+    with pytest.raises(example.OrbitSchemaError, match="'object/caption' holds a int64_list"):
+        example.read_metadata(parsed)
+
+
 def test_orbit_in_a_shard(tmp_path):
     rng = np.random.default_rng(2)
     orbits = [example.random_orbit(rng, num_views=4, resolution=8) for _ in range(3)]

@@ -437,9 +437,10 @@ def _primitive(kind: str, rng: np.random.Generator) -> trimesh.Trimesh:
     raise ValueError(f"unknown primitive {kind!r}")
 
 
-def procedural_texture(pattern: str, rng: np.random.Generator, size: int = _TEXTURE_SIZE) -> np.ndarray:
-    """A (size, size, 3) uint8 texture with the given pattern and random colours and frequencies."""
-    first, second = _random_colour(rng), _random_colour(rng)
+def procedural_texture(pattern: str, first: np.ndarray, second: np.ndarray, rng: np.random.Generator,
+                       size: int = _TEXTURE_SIZE) -> np.ndarray:
+    """A (size, size, 3) uint8 texture with the given pattern of RGB colours `first` and `second`
+    (the background and the dots of `dots`) and random frequencies."""
     y, x = np.meshgrid((np.arange(size) + 0.5) / size, (np.arange(size) + 0.5) / size, indexing="ij")
     if pattern == "checker":
         cells = rng.integers(2, 9)
@@ -483,20 +484,34 @@ def box_projected_uv(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
                            visual=trimesh.visual.TextureVisuals(uv=uv.reshape(-1, 2)), process=False)
 
 
-def procedural_object(seed: int) -> trimesh.Scene:
-    """A random compound of primitives with colours and textures; a pure function of `seed`."""
+@dataclasses.dataclass(frozen=True)
+class ProceduralPart:
+    """What one primitive of a procedural object looks like: the words of its caption."""
+
+    kind: str  # one of _PRIMITIVES
+    pattern: str  # one of _PATTERNS
+    colours: tuple[tuple[int, int, int], ...]  # RGB 0-255: one for "flat", else the texture's two
+    size: float  # longest side of its bounding box, before the object is normalised
+
+
+def _procedural_parts(seed: int) -> list[tuple[trimesh.Trimesh, np.ndarray, ProceduralPart]]:
+    """Each part of procedural object `seed`: (mesh, transform in the object, description)."""
     rng = np.random.default_rng(seed)
-    scene = trimesh.Scene()
+    parts = []
     placed_vertices = []  # world-space vertices of the parts so far
     for _ in range(int(rng.integers(1, 5))):
-        mesh = _primitive(str(rng.choice(_PRIMITIVES)), rng)
+        kind = str(rng.choice(_PRIMITIVES))
+        mesh = _primitive(kind, rng)
+        size = float(np.max(mesh.extents))
         pattern = str(rng.choice(_PATTERNS))
         if pattern == "flat":
-            mesh.visual = trimesh.visual.ColorVisuals(mesh, face_colors=_random_colour(rng))
+            colours = (_random_colour(rng),)
+            mesh.visual = trimesh.visual.ColorVisuals(mesh, face_colors=colours[0])
         else:
+            colours = (_random_colour(rng), _random_colour(rng))
             mesh = box_projected_uv(mesh)
-            mesh.visual = trimesh.visual.TextureVisuals(uv=mesh.visual.uv,
-                                                        image=Image.fromarray(procedural_texture(pattern, rng)))
+            mesh.visual = trimesh.visual.TextureVisuals(
+                uv=mesh.visual.uv, image=Image.fromarray(procedural_texture(pattern, *colours, rng)))
         transform = trimesh.transformations.random_rotation_matrix(rng.uniform(size=3))
         if placed_vertices:
             # Attach to an earlier part: the point 70% of the way from this part's origin to one of
@@ -505,5 +520,19 @@ def procedural_object(seed: int) -> trimesh.Scene:
             own_vertex = trimesh.transform_points(mesh.vertices, transform)[int(rng.integers(len(mesh.vertices)))]
             transform[:3, 3] = anchor - 0.7 * own_vertex
         placed_vertices.extend(trimesh.transform_points(mesh.vertices, transform))
+        description = ProceduralPart(kind, pattern, tuple(tuple(int(c) for c in colour) for colour in colours), size)
+        parts.append((mesh, transform, description))
+    return parts
+
+
+def procedural_object(seed: int) -> trimesh.Scene:
+    """A random compound of primitives with colours and textures; a pure function of `seed`."""
+    scene = trimesh.Scene()
+    for mesh, transform, _ in _procedural_parts(seed):
         scene.add_geometry(mesh, transform=transform)
     return scene
+
+
+def procedural_parts(seed: int) -> list[ProceduralPart]:
+    """The descriptions of the parts of `procedural_object(seed)`, in the order they were made."""
+    return [description for _, _, description in _procedural_parts(seed)]

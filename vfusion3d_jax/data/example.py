@@ -15,6 +15,7 @@ alike) is one serialised `tf.train.Example` with these features (V = number of v
 | `object/id`             | bytes      | 1      | UTF-8 identifier of the object (asset id, or prompt/image id)       |
 | `object/source`         | bytes      | 1      | `rendered` (3D asset render) or `synthetic` (video diffusion)       |
 | `object/surface_points` | float list | P×3    | optional: points on the object's surface, world frame (below)       |
+| `object/caption`        | bytes      | 1      | optional: UTF-8 description of the object, e.g. `a red torus`       |
 | `meta/elevation_deg`    | float      | 1      | orbit elevation in degrees (estimated for synthetic orbits)         |
 | `meta/quality`          | float      | 1      | curation score, higher is better; NaN when unknown                  |
 | `meta/schema_version`   | int64      | 1      | 1                                                                   |
@@ -25,6 +26,11 @@ normalised asset's surface, row-major xyz, in the world frame of `views/cam2worl
 rendered orbits can have it (synthetic orbits have no 3D asset), and it is optional, so the
 schema version stays 1: readers that do not know the feature ignore it, and `decode_orbit`
 returns None for records without it.
+
+`object/caption` is the text the video diffusion model is conditioned on: `render-data`
+writes one for every object (`data.captions`: shape and colour words for procedural objects,
+the asset's name for the others), a synthetic orbit may carry its prompt. It is optional
+too: `read_metadata` and `decode_orbit` give `caption` '' for records without it.
 
 Cameras follow `vfusion3d_jax.cameras` (the official model's conventions), so
 `cameras.source_camera` and `cameras.render_camera` apply to the decoded arrays directly.
@@ -73,6 +79,7 @@ class OrbitMetadata:
     num_views: int
     height: int
     width: int
+    caption: str = ""  # '' when the record has no object/caption
 
     @property
     def is_synthetic(self) -> bool:
@@ -92,12 +99,14 @@ def _azimuths_from_cameras(cam2world: np.ndarray) -> np.ndarray:
 
 def encode_orbit(images: np.ndarray, cam2world: np.ndarray, intrinsics: np.ndarray, *, object_id: str,
                  source: str, elevation_deg: float, quality: float = math.nan,
-                 azimuths_deg: Sequence[float] | None = None, surface_points: np.ndarray | None = None) -> bytes:
+                 azimuths_deg: Sequence[float] | None = None, surface_points: np.ndarray | None = None,
+                 caption: str | None = None) -> bytes:
     """Serialises one orbit as a `tf.train.Example`.
 
     images: uint8 (V, H, W, 4) RGBA; cam2world: (V, 4, 4); intrinsics: (V, 3, 3) normalised.
     `azimuths_deg` defaults to the azimuths of the camera positions. `surface_points` (P, 3),
-    world frame, becomes the optional `object/surface_points` feature (left out when None).
+    world frame, becomes the optional `object/surface_points` feature and `caption` the optional
+    `object/caption` (each left out when None).
     """
     images = np.asarray(images)
     cam2world = np.asarray(cam2world, np.float32)
@@ -132,6 +141,8 @@ def encode_orbit(images: np.ndarray, cam2world: np.ndarray, intrinsics: np.ndarr
     feature["object/source"].bytes_list.value.append(source.encode("utf-8"))
     if surface_points is not None:
         feature["object/surface_points"].float_list.value.extend(surface_points.reshape(-1).tolist())
+    if caption is not None:
+        feature["object/caption"].bytes_list.value.append(caption.encode("utf-8"))
     feature["meta/elevation_deg"].float_list.value.append(float(elevation_deg))
     feature["meta/quality"].float_list.value.append(float(quality))
     feature["meta/schema_version"].int64_list.value.append(SCHEMA_VERSION)
@@ -201,10 +212,13 @@ def read_metadata(record: bytes | tf_example_pb2.Example) -> OrbitMetadata:
         png_height, png_width = _png_size(pngs[0], object_id)
         height = png_height if height is None else height
         width = png_width if width is None else width
+    caption = _optional_scalar(example, "object/caption", "bytes_list")
     return OrbitMetadata(object_id=object_id, source=source,
                          elevation_deg=float(_scalar(example, "meta/elevation_deg", "float_list")),
                          quality=float(_scalar(example, "meta/quality", "float_list")),
-                         num_views=int(num_views), height=int(height), width=int(width))
+                         num_views=int(num_views), height=int(height), width=int(width),
+                         # Lenient: a damaged caption must not stop readers that never use it.
+                         caption="" if caption is None else caption.decode("utf-8", errors="replace"))
 
 
 def _decode_png(png: bytes, height: int, width: int, object_id: str, view: int) -> np.ndarray:
@@ -229,6 +243,18 @@ def _surface_points(example: tf_example_pb2.Example, object_id: str) -> np.ndarr
     return values.reshape(-1, 3)
 
 
+def read_cameras(record: bytes | tf_example_pb2.Example, num_views: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cam2world float32 (V, 4, 4) and intrinsics float32 (V, 3, 3) of every view; no image is decoded.
+
+    `num_views` (V) is `read_metadata(record).num_views`, read again when not given.
+    """
+    example = parse_example(record)
+    num_views = read_metadata(example).num_views if num_views is None else num_views
+    cam2world = np.asarray(_values(example, "views/cam2world", "float_list", num_views * 16), np.float32)
+    intrinsics = np.asarray(_values(example, "views/intrinsics", "float_list", num_views * 9), np.float32)
+    return cam2world.reshape(num_views, 4, 4), intrinsics.reshape(num_views, 3, 3)
+
+
 def decode_orbit(record: bytes | tf_example_pb2.Example, *, views: Sequence[int] | None = None) -> dict:
     """Decodes an orbit record into NumPy arrays; only the `views` asked for (all by default).
 
@@ -236,7 +262,7 @@ def decode_orbit(record: bytes | tf_example_pb2.Example, *, views: Sequence[int]
     `intrinsics` float32 (V', 3, 3), `azimuth_deg` float32 (V',), `view_indices` int32 (V',),
     in the order of `views`, `surface_points` float32 (P, 3) or None when the record has none,
     and the metadata: `object_id`, `source`, `elevation_deg`, `quality`, `num_views` (V, all
-    views in the record), `height`, `width`.
+    views in the record), `height`, `width`, `caption` ('' when the record has none).
     """
     example = parse_example(record)
     metadata = read_metadata(example)
@@ -245,17 +271,16 @@ def decode_orbit(record: bytes | tf_example_pb2.Example, *, views: Sequence[int]
     if view_indices.size and (view_indices.min() < 0 or view_indices.max() >= num_views):
         raise IndexError(f"views {view_indices.tolist()} out of range for {metadata.object_id!r} with {num_views} views")
     pngs = _values(example, "views/image", "bytes_list", num_views)
-    cam2world = np.asarray(_values(example, "views/cam2world", "float_list", num_views * 16), np.float32)
-    intrinsics = np.asarray(_values(example, "views/intrinsics", "float_list", num_views * 9), np.float32)
+    cam2world, intrinsics = read_cameras(example, num_views)
     if "views/azimuth_deg" in example.features.feature:
         azimuths = np.asarray(_values(example, "views/azimuth_deg", "float_list", num_views), np.float32)
     else:
-        azimuths = _azimuths_from_cameras(cam2world.reshape(num_views, 4, 4)).astype(np.float32)
+        azimuths = _azimuths_from_cameras(cam2world).astype(np.float32)
     images = [_decode_png(pngs[v], metadata.height, metadata.width, metadata.object_id, v) for v in view_indices]
     return {
         "images": np.stack(images) if images else np.zeros((0, metadata.height, metadata.width, 4), np.uint8),
-        "cam2world": cam2world.reshape(num_views, 4, 4)[view_indices],
-        "intrinsics": intrinsics.reshape(num_views, 3, 3)[view_indices],
+        "cam2world": cam2world[view_indices],
+        "intrinsics": intrinsics[view_indices],
         "azimuth_deg": azimuths[view_indices],
         "view_indices": view_indices.astype(np.int32),
         "surface_points": _surface_points(example, metadata.object_id),

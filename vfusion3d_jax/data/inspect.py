@@ -5,8 +5,10 @@
 PATH is a shard, a folder (searched recursively for *.tfrecord) or a glob. Prints counts
 (records, objects, views; per source and per split, the split being the shard-name prefix
 such as `train` or `holdout`), image sizes, an elevation histogram, quality, foreground
-fraction (mean alpha) and border-touching views, and the camera radius and focal ranges.
-Writes `contact_sheet.png` (rows = objects, columns = views, a label above each row,
+fraction (mean alpha) and border-touching views, the camera radius and focal ranges, and
+how many records have a caption (`object/caption`), with a few of them.
+Writes `contact_sheet.png` (rows = objects, columns = views, a label above each row with
+the object's id and caption,
 images composited on grey so the alpha mask shows) and `inspect.json` to OUT, by default
 the folder of the data when it is local and writable, else a folder in the cache directory
 (`data.storage`): a reader never writes into a data folder it may not own. Records need only
@@ -34,6 +36,7 @@ from vfusion3d_jax.data.tfrecord import iterate_records, read_index
 MAX_DECODED_RECORDS = 256
 SHEET_OBJECTS = 8
 SHEET_VIEWS = 8
+CAPTION_EXAMPLES = 5  # distinct captions shown, from the contact sheet's records
 MIN_TILE = 64  # tiny renders are enlarged (nearest) to at least this many pixels
 _LABEL_HEIGHT = 14
 _SHEET_BACKGROUND = 225
@@ -79,6 +82,7 @@ def dataset_statistics(shards: list[str]) -> tuple[dict, list[dict]]:
     sources, splits, sizes, views_per_record, objects = Counter(), Counter(), Counter(), Counter(), set()
     elevations, qualities, radii, focals = [], [], [], []
     foreground, border_views, decoded_views = [], 0, 0
+    captioned = 0
     sheet = []
     index = 0
     for shard in shards:
@@ -93,6 +97,7 @@ def dataset_statistics(shards: list[str]) -> tuple[dict, list[dict]]:
             views_per_record[metadata.num_views] += 1
             elevations.append(metadata.elevation_deg)
             qualities.append(metadata.quality)
+            captioned += bool(metadata.caption)
             if index in decoded_indices:
                 orbit = decode_orbit(example)
                 alpha = orbit["images"][..., 3].astype(np.float64) / 255.0
@@ -125,6 +130,8 @@ def dataset_statistics(shards: list[str]) -> tuple[dict, list[dict]]:
         foreground_fraction=dict(**_range(foreground), views=decoded_views, records=len(decoded_indices)),
         views_touching_border=border_views,
         camera_radius=_range(radii), focal_x=_range(focals),
+        captions=dict(records=captioned,
+                      examples=list(dict.fromkeys(o["caption"] for o in sheet if o["caption"]))[:CAPTION_EXAMPLES]),
     )
     return statistics, sheet
 
@@ -138,7 +145,7 @@ def contact_sheet(orbits: list[dict]) -> Image.Image:
     draw = ImageDraw.Draw(sheet)
     for row, orbit in enumerate(orbits):
         top = row * row_height
-        label = f"{orbit['object_id']}  {orbit['source']}  elevation {orbit['elevation_deg']:.0f}"
+        label = f"{orbit['object_id']}  {orbit['source']}  elevation {orbit['elevation_deg']:.0f}  {orbit['caption']}"
         draw.text((2, top + 1), label, fill=(0, 0, 0))
         for column, view in enumerate(sorted(_spread(columns, orbit["num_views"]))):
             rgba = Image.fromarray(orbit["images"][view], mode="RGBA").resize((tile, tile), Image.Resampling.NEAREST)
@@ -173,6 +180,8 @@ def format_statistics(statistics: dict) -> str:
         f"(over {s['foreground_fraction']['views']} views of {s['foreground_fraction']['records']} records)",
         f"views touching the image border: {s['views_touching_border']}",
         f"camera radius: {fmt(s['camera_radius'])}   focal fx: {fmt(s['focal_x'])}",
+        f"captions: {s['captions']['records']} of {s['records']} records"
+        + "".join(f"\n  {caption!r}" for caption in s["captions"]["examples"]),
     ]
     return "\n".join(lines)
 

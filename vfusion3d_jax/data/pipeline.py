@@ -1,11 +1,12 @@
-"""Grain input pipeline: orbit TFRecords → batches of one source view, K target views and their cameras.
+"""Grain input pipeline: orbit TFRecords → batches of one source view, K target views and their
+cameras (the LRM's examples), or of orbit clips and captions (the video diffusion model's).
 
 Per dataset of the mixture (a `MapDataset`: random access, lazy, nothing is read until asked):
 
     OrbitSource (offset index, CRC check) → shuffle (global; reshuffled each epoch) → repeat
       → map_with_index(TrainingExamples)   metadata filters (rejects → None), the seeded choice
-                                            of views, render size and crops, decoding of only
-                                            the chosen PNGs
+                                            of views, render size and crops (or of a clip's
+                                            frames), decoding of only the chosen PNGs
       → [shard_index::shard_count]          this host's share of the global order
       → to_iter_dataset                     reading threads; drops the filtered-out Nones
 
@@ -27,8 +28,9 @@ Why this order:
 * Images become float32 per example, in the reading threads, where NumPy runs in parallel;
   converting a whole batch in one thread costs 30-60 ms for 8 sources of 512 px.
 
-A batch (B = batch_size // shard_count examples on this host; K = num_target_views; S = the
-full render side, p = patch_size or S) is a dict of NumPy arrays:
+`config.example` picks the kind of example: "views" (the LRM's, the default) or "clip".
+A "views" batch (B = batch_size // shard_count examples on this host; K = num_target_views;
+S = the full render side, p = patch_size or S) is a dict of NumPy arrays:
 
 | key                    | shape, dtype        | meaning                                                    |
 |------------------------|---------------------|------------------------------------------------------------|
@@ -51,16 +53,34 @@ full render side, p = patch_size or S) is a dict of NumPy arrays:
 The renderer renders the patch either as `pixel_rays(target_cameras, resolution=S,
 crop_size=p, crop_start=target_crop_offsets)` or, with S varying per example, as the full
 p x p image of `target_patch_cameras`; both give the same rays.
+
+A "clip" batch (F = num_frames views going around the orbit in order from a random start,
+`data.clips`; R = clip_resolution; L = caption_length) holds the frames instead:
+
+| key                    | shape, dtype        | meaning                                                    |
+|------------------------|---------------------|------------------------------------------------------------|
+| `clip_images`          | (B, F, R, R, 3) f32 | frames in [0, 1] on white, in orbit order; random_hue turns a clip as one |
+| `clip_masks`           | (B, F, R, R, 1) f32 | their alpha (foreground) in [0, 1]                          |
+| `clip_cameras`         | (B, F, 25) f32      | `cameras.render_camera`; frame 0 canonical (canonicalize_cameras) |
+| `clip_relative_pose`   | (B, F, 3) f32       | degrees: azimuth − frame 0's in [0, 360), elevation, frame 0's elevation |
+| `clip_view_indices`    | (B, F) i32          | the frames' views in their orbit record                     |
+| `caption_bytes`        | (B, L) u8           | `object/caption` in UTF-8, cut after a whole word, zero-padded |
+| `caption_length`       | (B,) i32            | bytes of the caption in `caption_bytes`; 0 = no caption      |
+
+and `is_synthetic`, `record_index`, `dataset_index`, `corrupt_skipped` and
+`corrupt_skipped_records` as in a "views" batch. The relative pose comes from the record's
+cameras before canonicalisation, which makes frame 0 level whatever its elevation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import jax
@@ -70,8 +90,8 @@ from absl import flags, logging
 from PIL import Image
 
 from vfusion3d_jax import cameras, errors
+from vfusion3d_jax.data import clips, tfrecord
 from vfusion3d_jax.data import example as orbit_example
-from vfusion3d_jax.data import tfrecord
 
 
 # --------------------------------------------------------------------------- source
@@ -354,17 +374,84 @@ def make_training_example(record: bytes, rng: np.random.Generator, options: Exam
     }
 
 
+def make_clip_example(record: bytes, rng: np.random.Generator, options: clips.ClipOptions,
+                      metadata_filter: MetadataFilter = MetadataFilter()) -> dict | None:
+    """One clip example (float32 frames, cameras and the caption's bytes) from an orbit record;
+    None if filtered out. The random draws: the start view, then the hue angle."""
+    parsed = orbit_example.parse_example(record)
+    metadata = orbit_example.read_metadata(parsed)
+    if not metadata_filter(metadata):
+        return None
+    all_cam2world, _ = orbit_example.read_cameras(parsed, metadata.num_views)
+    try:
+        views = clips.select_clip_views(rng, all_cam2world, options.num_frames, options.stride)
+    except ValueError as error:
+        raise ValueError(f"orbit {metadata.object_id!r}: {error}") from None
+    orbit = orbit_example.decode_orbit(parsed, views=views)
+    images = orbit["images"]
+    if options.random_hue:
+        images = rotate_hue(images, rng.uniform(0.0, 2.0 * np.pi))
+    cam2world = orbit["cam2world"]
+    relative_pose = clips.relative_pose(cam2world)  # before canonicalising: it needs the world's up
+    if options.canonicalize_cameras:
+        cam2world = canonicalize_to_source(cam2world, cam2world[0])
+    clip_images, clip_masks = composite_on_white(np.stack([resize_rgba(image, options.resolution)
+                                                           for image in images]))
+    caption_bytes, caption_length = clips.encode_caption(metadata.caption, options.caption_length)
+    return {
+        "clip_images": clip_images,
+        "clip_masks": clip_masks,
+        "clip_cameras": cameras.render_camera(cam2world, orbit["intrinsics"]),
+        "clip_relative_pose": relative_pose,
+        "clip_view_indices": views.astype(np.int32),
+        "caption_bytes": caption_bytes,
+        "caption_length": caption_length,
+        "is_synthetic": np.float32(metadata.is_synthetic),
+    }
+
+
+# The kinds of example `config.example` names, and the function that makes each from a record
+# (`example_options` gives the options it takes).
+EXAMPLE_KINDS = {"views": make_training_example, "clip": make_clip_example}
+
+
+def example_options(config: ml_collections.ConfigDict) -> ExampleOptions | clips.ClipOptions:
+    """The options of the input config's kind of example (`config.example`), validated."""
+    if config.example == "views":
+        return ExampleOptions(
+            num_target_views=config.num_target_views,
+            include_source_in_targets=config.include_source_in_targets,
+            canonicalize_cameras=config.canonicalize_cameras,
+            source_resolution=config.source_resolution,
+            target_resolution=config.target_resolution,
+            target_resize_range=None if config.target_resize_range is None else tuple(config.target_resize_range),
+            patch_size=config.patch_size,
+            random_hue=config.random_hue,
+        )
+    if config.example == "clip":
+        return clips.ClipOptions(
+            num_frames=config.num_frames,
+            resolution=config.clip_resolution,
+            stride=config.clip_stride,
+            caption_length=config.caption_length,
+            canonicalize_cameras=config.canonicalize_cameras,
+            random_hue=config.random_hue,
+        )
+    raise ValueError(f"config.example must be one of {sorted(EXAMPLE_KINDS)}, got {config.example!r}")
+
+
 class TrainingExamples(grain.transforms.MapWithIndex):
     """Grain step: stored record at stream position `index` → training example, None, or a SkippedRecord.
 
-    The example's random generator is seeded by (seed, dataset, record, epoch) alone, so each
-    record gets fresh views every epoch, and the same ones on any host count or resume.
+    `make_example(record_bytes, rng)` makes the example (`make_training_example` or
+    `make_clip_example` with their options bound). Its random generator is seeded by (seed,
+    dataset, record, epoch) alone, so each record gets fresh views every epoch, and the same
+    ones on any host count or resume.
     """
 
-    def __init__(self, options: ExampleOptions, metadata_filter: MetadataFilter, *, seed: int,
+    def __init__(self, make_example: Callable[[bytes, np.random.Generator], dict | None], *, seed: int,
                  dataset_key: int, dataset_index: int, records_per_epoch: int):
-        self.options = options
-        self.metadata_filter = metadata_filter
+        self.make_example = make_example
         self.seed = seed
         self.dataset_key = dataset_key
         self.dataset_index = dataset_index
@@ -375,7 +462,7 @@ class TrainingExamples(grain.transforms.MapWithIndex):
             return dataclasses.replace(record, dataset_index=self.dataset_index)
         epoch = index // self.records_per_epoch
         rng = np.random.default_rng([self.seed, self.dataset_key, record.index, epoch])
-        training_example = make_training_example(record.data, rng, self.options, self.metadata_filter)
+        training_example = self.make_example(record.data, rng)
         if training_example is not None:
             training_example["record_index"] = np.int32(record.index)
             training_example["dataset_index"] = np.int32(self.dataset_index)
@@ -456,16 +543,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, shard_index: int | None =
         raise ValueError(f"shard_index {shard_index} must be in [0, {shard_count})")
     if config.batch_size % shard_count:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {shard_count} hosts")
-    options = ExampleOptions(
-        num_target_views=config.num_target_views,
-        include_source_in_targets=config.include_source_in_targets,
-        canonicalize_cameras=config.canonicalize_cameras,
-        source_resolution=config.source_resolution,
-        target_resolution=config.target_resolution,
-        target_resize_range=None if config.target_resize_range is None else tuple(config.target_resize_range),
-        patch_size=config.patch_size,
-        random_hue=config.random_hue,
-    )
+    options = example_options(config)
     read_options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)
     datasets, weights = [], []
     for dataset_index, (name, component) in enumerate(active_datasets(config)):
@@ -479,7 +557,9 @@ def make_dataset(config: ml_collections.ConfigDict, *, shard_index: int | None =
         if len(source) == 0:
             raise errors.EmptyInputError(f"dataset {name!r} ({component.glob}) has no records").with_hint(
                 "point the glob at non-empty shards")
-        transform = TrainingExamples(options, metadata_filter, seed=config.seed, dataset_key=_stable_key(name),
+        make_example = functools.partial(EXAMPLE_KINDS[config.example], options=options,
+                                         metadata_filter=metadata_filter)
+        transform = TrainingExamples(make_example, seed=config.seed, dataset_key=_stable_key(name),
                                      dataset_index=dataset_index, records_per_epoch=len(source))
         shuffle_seed = int(np.random.SeedSequence([config.seed, _stable_key(name)]).generate_state(1)[0])
         dataset = orbit_dataset(source, transform, shuffle_seed=shuffle_seed, num_epochs=config.num_epochs,

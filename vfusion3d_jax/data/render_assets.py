@@ -7,7 +7,8 @@ at evenly spaced azimuths with a random offset, one elevation drawn from
 `elevation_range_deg`, all at `radius` from the origin with focal length from `fov_deg`,
 rendered by `data.rasterize` (RGBA, white background, alpha = foreground), source
 'rendered', quality NaN, plus `num_surface_points` points sampled on the asset's surface
-(`object/surface_points`: the ground truth of Chamfer evaluation). Records go to
+(`object/surface_points`: the ground truth of Chamfer evaluation) and a caption
+(`object/caption`, from `data.captions`: "a duck", "a red torus"). Records go to
 DIR/shards/{split}-{i:05d}-of-{n:05d}.tfrecord, split 'train' or 'holdout' (whole asset
 groups held out, for evaluation on unseen objects).
 
@@ -43,7 +44,7 @@ from absl import logging
 
 from vfusion3d_jax import cameras, errors
 from vfusion3d_jax.configs import load_config
-from vfusion3d_jax.data import assets
+from vfusion3d_jax.data import assets, captions
 from vfusion3d_jax.data.example import encode_orbit, read_metadata
 from vfusion3d_jax.data.rasterize import Lighting, Rasterizer, placed_geometries
 from vfusion3d_jax.data.tfrecord import TFRecordWriter, iterate_records
@@ -193,7 +194,7 @@ def render_orbit(rasterizer: Rasterizer, spec: assets.AssetSpec, settings: Orbit
         raise assets.AssetError(f"{spec.object_id}: nothing visible in any view")
     points = surface_points(mesh, spec.object_id, settings) if settings.num_surface_points else None
     return encode_orbit(views.rgba, cam2world, intrinsics, object_id=spec.object_id, source="rendered",
-                        elevation_deg=elevation, surface_points=points)
+                        elevation_deg=elevation, surface_points=points, caption=captions.asset_caption(spec))
 
 
 def _summary_path(shard_path: str) -> str:
