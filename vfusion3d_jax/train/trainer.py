@@ -51,7 +51,7 @@ from tensorboardX import SummaryWriter
 
 from vfusion3d_jax import errors
 from vfusion3d_jax.data import pipeline
-from vfusion3d_jax.train import checkpointing
+from vfusion3d_jax.train import checkpointing, finetune
 from vfusion3d_jax.train import optimizer as optimizer_lib
 from vfusion3d_jax.train import sharding
 
@@ -147,15 +147,29 @@ class TrainState:
     optimizer_shardings: nnx.State
 
 
+def finetuning_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.train.finetune` (which parameters train: full, a path filter or LoRA), full by default."""
+    return config.train.get("finetune") or finetune.finetune_config()
+
+
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.LogicalRules):
-    """(state constructor, abstract TrainState): shapes and shardings only, nothing allocated."""
-    task = task_of(config)
-    abstract_params = nnx.state(nnx.eval_shape(lambda: task.create_model(config, nnx.Rngs(0))), nnx.Param)
+    """(state constructor, abstract TrainState): shapes and shardings only, nothing allocated.
+
+    Only the trainable parameters (`config.train.finetune`) get optimiser state.
+    """
+    task, finetuning = task_of(config), finetuning_of(config)
+    trainable = finetune.trainable_filter(finetuning)
+
+    def make_model(seed: int) -> nnx.Module:
+        return finetune.apply_finetuning(task.create_model(config, nnx.Rngs(seed)), finetuning,
+                                         rngs=nnx.Rngs(seed + 1))
+
+    abstract_params = nnx.state(nnx.eval_shape(lambda: make_model(0)), trainable)
     tx = optimizer_lib.make_optimizer(config.train.optimizer, total_steps(config), abstract_params)
 
     def create() -> tuple[nnx.Module, nnx.Optimizer]:
-        model = task.create_model(config, nnx.Rngs(config.train.seed))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+        model = make_model(config.train.seed)
+        return model, nnx.Optimizer(model, tx, wrt=trainable)
 
     abstract_model, abstract_optimizer = nnx.eval_shape(create)
     model_graphdef, model_state = nnx.split(abstract_model)
@@ -188,6 +202,7 @@ def make_train_step(config: ml_collections.ConfigDict, state: TrainState):
     States are donated. Shapes come from the batch, so each stage compiles its own program, once.
     """
     loss_fn = task_of(config).loss_fn(config)
+    trainable = nnx.DiffState(0, finetune.trainable_filter(finetuning_of(config)))  # frozen: no gradient
     seed = config.train.seed
     schedule = optimizer_lib.learning_rate_schedule(config.train.optimizer, total_steps(config))
 
@@ -197,7 +212,8 @@ def make_train_step(config: ml_collections.ConfigDict, state: TrainState):
         # Copies of the incoming state, kept apart from the Variables that the update mutates.
         previous = jax.tree.map(lambda x: x, (model_state, optimizer_state))
         key = jax.random.fold_in(jax.random.key(seed), step)
-        (loss, terms), grads = nnx.value_and_grad(lambda model: loss_fn(model, batch, key, aux), has_aux=True)(model)
+        (loss, terms), grads = nnx.value_and_grad(lambda model: loss_fn(model, batch, key, aux), argnums=trainable,
+                                                  has_aux=True)(model)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         optimizer.update(model, grads)
@@ -395,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         create, state = abstract_train_state(config, mesh, rules)
         print(f"{task.NAME} ({config.get('variant', 'custom')}): {task.count_parameters(config):,} parameters; "
               f"{len(stages)} stage(s), {num_steps} steps; mesh {dict(mesh.shape)}", flush=True)
-        logging.info("stages: %s", [(s.name, s.num_steps, s.data.target_resolution, s.data.patch_size) for s in stages])
+        logging.info("stages: %s", [(s.name, s.num_steps) for s in stages])
 
         checkpointer = checkpointing.Checkpointer(
             str(workdir / checkpointing.CHECKPOINT_SUBDIR), save_interval_steps=config.train.checkpoint_every,
@@ -415,8 +431,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         else:
             state = initialize_train_state(create, state)
             if config.train.init_checkpoint:
-                state.model_state = checkpointing.restore_model(config.train.init_checkpoint, state.model_state,
-                                                                state.model_shardings)
+                # The pretrained model: everything but the LoRA adapters this run adds.
+                base = nnx.Not(finetune.LoRAParam)
+                restored = checkpointing.restore_model(
+                    config.train.init_checkpoint, nnx.filter_state(state.model_state, base),
+                    nnx.filter_state(state.model_shardings, base))
+                state.model_state = nnx.merge_state(state.model_state, restored)
 
         train_step = make_train_step(config, state)
         eval_step = make_eval_step(config, state, mesh, rules)

@@ -362,10 +362,13 @@ class ConditionEmbedder(nnx.Module):
         projected = self.time_proj(jax.nn.silu(temb))
         return projected.reshape(projected.shape[:-1] + (NUM_MODULATIONS, -1))
 
-    def __call__(self, timestep: jax.Array, text: jax.Array, image: jax.Array | None = None) -> Conditions:
+    def __call__(self, timestep: jax.Array, text: jax.Array, image: jax.Array | None = None,
+                 temb_offset: jax.Array | None = None) -> Conditions:
         if image is not None and self.image_embedder is None:
             raise ValueError("image tokens given to a model without an image embedder (image_dim)")
         temb = self.embed_time(timestep)
+        if temb_offset is not None:  # another condition (a camera), added before the modulations
+            temb = temb + temb_offset.astype(temb.dtype)
         return Conditions(
             temb=temb,
             timestep_proj=self.modulations(temb),
@@ -438,8 +441,10 @@ class WanTransformer(nnx.Module):
         return grid
 
     def embed_conditions(self, timestep: jax.Array, encoder_hidden_states: jax.Array,
-                         encoder_hidden_states_image: jax.Array | None = None, *, num_tokens: int) -> Conditions:
-        """Timestep (), (B,) or per token (B, num_tokens); text (B, L, text_dim); image tokens (B, 257, image_dim)."""
+                         encoder_hidden_states_image: jax.Array | None = None, *, num_tokens: int,
+                         temb_offset: jax.Array | None = None) -> Conditions:
+        """Timestep (), (B,) or per token (B, num_tokens); text (B, L, text_dim); image tokens (B, 257, image_dim);
+        `temb_offset` (B, 1 or num_tokens, D) is added to the time embedding (a zero offset changes nothing)."""
         batch = encoder_hidden_states.shape[0]
         timestep = jnp.asarray(timestep)
         if timestep.ndim == 0:
@@ -450,7 +455,7 @@ class WanTransformer(nnx.Module):
             raise ValueError(f"timesteps of shape {timestep.shape}: expected (), ({batch},) or per token "
                              f"({batch}, {num_tokens})")
         image = None if encoder_hidden_states_image is None else encoder_hidden_states_image.astype(self.dtype)
-        return self.condition_embedder(timestep, encoder_hidden_states.astype(self.dtype), image)
+        return self.condition_embedder(timestep, encoder_hidden_states.astype(self.dtype), image, temb_offset)
 
     def output_norm(self, x: jax.Array, temb: jax.Array) -> jax.Array:
         """The final adaLN: shift, scale = `scale_shift_table` + temb, in float32; proj_out's input."""
@@ -466,9 +471,12 @@ class WanTransformer(nnx.Module):
         return video.reshape(patches.shape[0], frames * pt, height * ph, width * pw, -1)
 
     def __call__(self, video: jax.Array, timestep: jax.Array, encoder_hidden_states: jax.Array,
-                 encoder_hidden_states_image: jax.Array | None = None, *, return_intermediates: bool = False
-                 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+                 encoder_hidden_states_image: jax.Array | None = None, *, temb_offset: jax.Array | None = None,
+                 return_intermediates: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """The model's prediction (B, F, H, W, C_out) for a channels-last video (B, F, H, W, C_in).
+
+        `temb_offset` (B, 1 or N, D), e.g. a per-token camera embedding, is added to the time
+        embedding before the modulations are derived from it.
 
         With `return_intermediates`, also a dict: `patch_embedding` (B, F', H', W', D),
         `rotary_cos` and `rotary_sin` (N, head_dim), `temb` (B, T, D), `timestep_proj`
@@ -480,7 +488,7 @@ class WanTransformer(nnx.Module):
         tokens = patches.reshape(patches.shape[0], -1, patches.shape[-1])
         rotary = rotary_tables(self.head_dim, grid)
         conditions = self.embed_conditions(timestep, encoder_hidden_states, encoder_hidden_states_image,
-                                           num_tokens=tokens.shape[1])
+                                           num_tokens=tokens.shape[1], temb_offset=temb_offset)
         x, block_outputs = layers.scan_layers(
             self.blocks, tokens,
             lambda block, h: block(h, conditions.context, conditions.image_context, conditions.timestep_proj, rotary),
