@@ -35,12 +35,6 @@ SUMMARY_FILE = "summary.json"
 MESH_FORMATS = (".glb", ".obj")
 
 
-def output_names(paths: list[Path]) -> list[str]:
-    """A distinct folder name per input: the file's stem, or its whole name when stems collide."""
-    stems = [path.stem for path in paths]
-    return [path.name.replace(".", "_") if stems.count(path.stem) > 1 else path.stem for path in paths]
-
-
 def write_outputs(reconstructor: Reconstructor, planes, prepared: preprocess.PreparedImage, out_dir: Path,
                   config: ml_collections.ConfigDict) -> dict:
     """Renders and writes one object's outputs; returns {kind: path} (and a note if no mesh)."""
@@ -74,7 +68,7 @@ def infer(checkpoint: str, inputs, workdir: str | Path, config: ml_collections.C
     workdir = Path(workdir)
     reconstructor = reconstructor or Reconstructor.from_checkpoint(checkpoint, config)
     paths = preprocess.find_images(inputs)
-    names = dict(zip(paths, output_names(paths)))
+    names = dict(zip(paths, preprocess.output_names(paths)))
     summary = dict(checkpoint=str(checkpoint), processed=[], skipped=[])
     start = time.perf_counter()
     bar = tqdm.tqdm(total=len(paths), desc="image to 3D", unit="image")

@@ -106,6 +106,12 @@ def find_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     raise errors.MissingInputError(f"no such file or folder: {inputs}")
 
 
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """A distinct output folder name per input file: its stem, or its whole name when stems collide."""
+    stems = [path.stem for path in paths]
+    return [path.name.replace(".", "_") if stems.count(path.stem) > 1 else path.stem for path in paths]
+
+
 def load_rgba(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     """uint8 RGBA (H, W, 4) of an image file, and whether it has a real alpha channel (any alpha < 255).
 

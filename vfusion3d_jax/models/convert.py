@@ -477,6 +477,11 @@ def _latest_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     return step
 
 
+def checkpoint_step(checkpoint_dir: str | Path, step: int | None = None) -> int:
+    """The step that a load of `checkpoint_dir` reads: `step` if given, else the newest one."""
+    return _latest_step(_checkpoint_manager(checkpoint_dir), step)
+
+
 def load_checkpoint_config(checkpoint_dir: str | Path, step: int | None = None) -> ml_collections.ConfigDict:
     """The config stored with a checkpoint (workdir or its `checkpoints/` folder; newest step by default)."""
     manager = _checkpoint_manager(checkpoint_dir)
