@@ -19,7 +19,7 @@ from vfusion3d_jax.configs import load_config
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.data = load_config("data.py:demo")
-    # ~7 minutes of training on 2 cores: 360 steps of 32 px renders, then 50 of 64 px renders
+    # ~7 minutes of training on 2 cores: 340 steps of 32 px renders, then 50 of 64 px renders
     # supervised by 32 px patches (fine-tuning on rendered data). The recipe that makes tiny use its
     # input (benchmarks/RESULTS.md, "Does the LRM use its input?"): tiny's source projection (each
     # triplane token starts from the image feature it projects to); every example's hue turned at
@@ -31,10 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.lrm.train.loss.foreground_mse.rendered = 1.0
     config.lrm.train.optimizer.learning_rate = 1e-3
     config.lrm.train.optimizer.warmup_steps = 20
-    for stage, steps in (("low_res", 360), ("high_res", 0), ("finetune", 50)):
+    for stage, steps in (("low_res", 340), ("high_res", 0), ("finetune", 50)):
         config.lrm.train.stages[stage].num_steps = steps
     config.lrm.train.checkpoint_every = 100
-    config.lrm.eval.every = 410  # the untrained model (step 0) and the trained one
+    config.lrm.eval.every = 390  # the untrained model (step 0) and the trained one
     config.lrm.eval.num_batches = 2
     config.evaluate = load_config("infer.py:evaluate")
     config.evaluate.mesh_resolution = 96

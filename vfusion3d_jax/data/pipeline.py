@@ -578,6 +578,21 @@ def make_dataset(config: ml_collections.ConfigDict, *, shard_index: int | None =
     return stream
 
 
+def held_out_config(data: ml_collections.ConfigDict, glob: str, *, batch_size: int,
+                    seed: int) -> ml_collections.ConfigDict:
+    """`data` reading the files of `glob` alone (as rendered data), with a fixed seed and no colour
+    changes, repeated so every host runs the same number of batches: an evaluation's input."""
+    held_out = ml_collections.ConfigDict(data.to_dict())
+    held_out.mixture = ml_collections.ConfigDict(
+        {name: dict(glob=None, weight=0.0, source=None) for name in held_out.mixture})
+    held_out.mixture.rendered = dict(glob=glob, weight=1.0, source=None)
+    held_out.batch_size = batch_size
+    held_out.random_hue = False
+    held_out.seed = seed
+    held_out.num_epochs = None
+    return held_out
+
+
 def make_iterator(config: ml_collections.ConfigDict, *, shard_index: int | None = None,
                   shard_count: int | None = None) -> grain.DatasetIterator:
     """A checkpointable iterator of this host's batches (`get_state()` / `set_state()`).

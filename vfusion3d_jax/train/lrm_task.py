@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from vfusion3d_jax import visualize
+from vfusion3d_jax.data import pipeline
 from vfusion3d_jax.models import LRM
 from vfusion3d_jax.models import count_parameters as _count_parameters
 from vfusion3d_jax.rendering import RenderOptions, render_views
@@ -215,16 +216,11 @@ def summarize_eval(means: dict[str, float], config: ml_collections.ConfigDict) -
 
 def eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The held-out input config: fixed seed, full-image targets at `eval.resolution`, novel views only."""
-    data = ml_collections.ConfigDict(config.data.to_dict())
-    data.mixture = ml_collections.ConfigDict({name: dict(glob=None, weight=0.0, source=None) for name in data.mixture})
-    data.mixture.rendered = dict(glob=config.eval.glob, weight=1.0, source=None)
-    data.batch_size = config.eval.batch_size
+    data = pipeline.held_out_config(config.data, config.eval.glob, batch_size=config.eval.batch_size,
+                                    seed=config.eval.seed)
     data.num_target_views = config.eval.num_target_views
     data.include_source_in_targets = False
     data.target_resolution = config.eval.resolution
     data.target_resize_range = None
     data.patch_size = None
-    data.random_hue = False
-    data.seed = config.eval.seed
-    data.num_epochs = None  # repeat: every host runs the same number of batches
     return data

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from vfusion3d_jax import diffusion
+from vfusion3d_jax.data import pipeline
 from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion
 from vfusion3d_jax.models.mvdiffusion import count_parameters as _count_parameters
 from vfusion3d_jax.models.wan.codec import Codec, make_codec
@@ -177,11 +178,5 @@ def summarize_eval(means: dict[str, float], config: ml_collections.ConfigDict) -
 
 def eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Held-out clips: fixed seed, the held-out glob only, no hue changes."""
-    data = ml_collections.ConfigDict(config.data.to_dict())
-    data.mixture = ml_collections.ConfigDict({name: dict(glob=None, weight=0.0, source=None) for name in data.mixture})
-    data.mixture.rendered = dict(glob=config.eval.glob, weight=1.0, source=None)
-    data.batch_size = config.eval.batch_size
-    data.random_hue = False
-    data.seed = config.eval.seed
-    data.num_epochs = None
-    return data
+    return pipeline.held_out_config(config.data, config.eval.glob, batch_size=config.eval.batch_size,
+                                    seed=config.eval.seed)

@@ -1,0 +1,167 @@
+"""Does the tiny multi-view diffusion model make orbits? Train it on this CPU, score held-out orbits.
+
+Renders the demo's built-in objects (configs/data.py:demo, with captions) unless --data_dir
+has them, trains `configs/mvdiffusion.py:tiny` through the `train` command's code for
+--steps steps, then samples every held-out object's orbit from its first frame and caption and
+compares it with the true orbit, beside two trivial answers:
+
+    copy   the input view copied to every frame
+    mean   the training set's mean orbit (per frame, over all training clips)
+
+Metrics over the generated frames (1 … F−1): PSNR, LPIPS (AlexNet), silhouette IoU (foreground =
+any channel darker than 0.9 on white, against the true alpha), and visual-hull consistency: the
+silhouettes of all frames carved into a 48³ voxel hull with the known cameras, each frame's
+silhouette compared (IoU) with the hull's projection; 1 = silhouettes of one 3D object. Writes
+`results.json` and `orbits.png` (per object: truth, sample, copy, mean) under --workdir.
+
+    python benchmarks/mvdiffusion_quality.py --workdir=/tmp/mvd_quality             # ~20 min on 2 cores
+    python benchmarks/mvdiffusion_quality.py --workdir=/tmp/q --steps=50 --data_dir=/tmp/q/data   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from vfusion3d_jax import cameras
+from vfusion3d_jax.configs import load_config
+from vfusion3d_jax.data import pipeline
+from vfusion3d_jax.data.render_assets import render_dataset
+from vfusion3d_jax.train import metrics, mvdiffusion_task, trainer
+
+HULL_RESOLUTION = 48
+RAY_SAMPLES = 96
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--data_dir", default=None, help="render-data output with captions (default: <workdir>/data)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--override", action="append", default=[],
+                        help="config override FIELD=VALUE of configs/mvdiffusion.py:tiny (repeatable)")
+    return parser.parse_args()
+
+
+def silhouettes(frames: np.ndarray) -> np.ndarray:
+    """Foreground of frames (..., H, W, 3) on white: (..., H, W) bool."""
+    return np.min(frames, axis=-1) < mvdiffusion_task.FOREGROUND_THRESHOLD
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def hull_consistency(masks: np.ndarray, render_cameras: np.ndarray) -> float:
+    """Mean IoU of each silhouette (F, H, W) with the projection of the hull carved from all of them."""
+    side = masks.shape[1]
+    grid = (np.arange(HULL_RESOLUTION) + 0.5) / HULL_RESOLUTION * 2.0 - 1.0
+    voxels = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1).reshape(-1, 3)
+    cam2world, intrinsics = cameras.split_render_camera(render_cameras.astype(np.float64))
+    inside = np.ones(len(voxels), bool)
+    for mask, c2w, k in zip(masks, cam2world, intrinsics):
+        uv = cameras.project_points(voxels, c2w, k)
+        col, row = np.floor(uv[:, 0] * side).astype(int), np.floor(uv[:, 1] * side).astype(int)
+        visible = (col >= 0) & (col < side) & (row >= 0) & (row < side)
+        inside &= visible & mask[np.clip(row, 0, side - 1), np.clip(col, 0, side - 1)]
+    hull = inside.reshape((HULL_RESOLUTION,) * 3)
+    scores = []
+    depths = np.linspace(0.0, 1.0, RAY_SAMPLES)
+    for mask, c2w, k in zip(masks, cam2world, intrinsics):
+        origins, directions = (np.asarray(x) for x in cameras.pixel_rays(jnp.asarray(c2w, jnp.float32),
+                                                                            jnp.asarray(k, jnp.float32), side))
+        distance = np.linalg.norm(origins[0])
+        points = origins[:, None] + directions[:, None] * (distance - 1.8 + 3.6 * depths)[None, :, None]
+        cells = np.floor((points + 1.0) / 2.0 * HULL_RESOLUTION).astype(int)
+        valid = np.all((cells >= 0) & (cells < HULL_RESOLUTION), axis=-1)
+        cells = np.clip(cells, 0, HULL_RESOLUTION - 1)
+        hit = np.any(valid & hull[cells[..., 0], cells[..., 1], cells[..., 2]], axis=1)
+        scores.append(iou(hit.reshape(side, side), mask))
+    return float(np.mean(scores))
+
+
+def scores(frames: np.ndarray, truth: np.ndarray, true_masks: np.ndarray, render_cameras: np.ndarray,
+           lpips_params) -> dict[str, float]:
+    """Metrics of one orbit (F, H, W, 3) against the truth, over the generated frames 1 … F−1."""
+    generated, target = jnp.asarray(frames[1:]), jnp.asarray(truth[1:])
+    masks = silhouettes(frames)
+    return dict(
+        psnr=float(jnp.mean(metrics.psnr(generated, target))),
+        lpips=float(jnp.mean(metrics.lpips(lpips_params, generated, target))),
+        iou=float(np.mean([iou(m, t > 0.5) for m, t in zip(masks[1:], true_masks[1:, ..., 0])])),
+        hull_consistency=hull_consistency(masks, render_cameras),
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    workdir = Path(args.workdir).absolute()
+    data_dir = Path(args.data_dir or workdir / "data")
+    started = time.perf_counter()
+    if not (data_dir / "shards").is_dir():
+        render_dataset(load_config("data.py:demo"), str(data_dir), [])
+    overrides = dict(data_dir=str(data_dir), train__stages__main__num_steps=args.steps, eval__every=0)
+    for item in args.override:
+        key, value = item.split("=", 1)
+        overrides[key.replace(".", "__")] = json.loads(value) if value[:1] in "[{0123456789-.tfn" else value
+    config = load_config("mvdiffusion.py:tiny", **overrides)
+    train_started = time.perf_counter()
+    state = trainer.train_and_evaluate(config, str(workdir / "model"))
+    train_seconds = time.perf_counter() - train_started
+    model = nnx.merge(state.model_graphdef, state.model_state)
+
+    # The training set's mean orbit (frame by frame), from one pass over the training clips.
+    train_data = trainer.make_stages(config)[0].data
+    train_data.num_epochs, train_data.drop_remainder, train_data.random_hue = 1, False, False
+    mean_orbit = np.mean(np.concatenate([batch["clip_images"] for batch in pipeline.make_iterator(train_data)]), 0)
+
+    held_out = mvdiffusion_task.eval_data_config(config)
+    held_out.num_epochs, held_out.drop_remainder, held_out.batch_size = 1, False, 1
+    sample = jax.jit(lambda state, first, pose, caption, noise: mvdiffusion_task.sample_orbits(
+        nnx.merge(nnx.graphdef(model), state), config, first, pose, caption, noise))
+    lpips_params = metrics.load_lpips_params(metrics.EVAL_LPIPS_NET)
+    results, rows = {"sample": [], "copy": [], "mean": []}, []
+    for index, batch in enumerate(pipeline.make_iterator(held_out)):
+        truth = batch["clip_images"][0]
+        noise = jax.random.normal(jax.random.key(config.sample.seed + index), (1,) + truth.shape)
+        sampled = sample(nnx.state(model), jnp.asarray(truth[None, 0] * 2 - 1), jnp.asarray(batch["clip_relative_pose"]),
+                         jnp.asarray(batch["caption_bytes"]), noise)
+        orbits = dict(sample=np.clip((np.asarray(sampled[0]) + 1) / 2, 0, 1),
+                      copy=np.broadcast_to(truth[:1], truth.shape), mean=np.concatenate([truth[:1], mean_orbit[1:]]))
+        for name, frames in orbits.items():
+            results[name].append(scores(frames, truth, batch["clip_masks"][0], batch["clip_cameras"][0], lpips_params))
+        rows.append(np.concatenate([np.concatenate(list(frames), axis=1)
+                                    for frames in (truth, orbits["sample"], orbits["copy"], orbits["mean"])]))
+    summary = {name: {key: float(np.mean([r[key] for r in values])) for key in values[0]}
+               for name, values in results.items()}
+    # The true orbits' own hull consistency: the ceiling of the metric.
+    truth_hull = float(np.mean([hull_consistency(batch["clip_masks"][0, ..., 0] > 0.5, batch["clip_cameras"][0])
+                                for batch in pipeline.make_iterator(held_out)]))
+    report = dict(steps=args.steps, objects=len(rows), train_seconds=round(train_seconds, 1),
+                  total_seconds=round(time.perf_counter() - started, 1), truth_hull_consistency=truth_hull,
+                  config=dict(frames=config.data.num_frames, resolution=config.data.clip_resolution,
+                              sampler=config.sample.sampler, sample_steps=config.sample.num_steps,
+                              image_guidance=config.sample.image_guidance, text_guidance=config.sample.text_guidance),
+                  metrics=summary, per_object=results)
+    (workdir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    Image.fromarray(np.round(np.concatenate(rows) * 255).astype(np.uint8)).save(workdir / "orbits.png")
+    print(f"{len(rows)} held-out objects, {args.steps} steps ({train_seconds:.0f} s training, "
+          f"{report['total_seconds']:.0f} s in all); true orbits' hull consistency {truth_hull:.3f}")
+    print("| orbit | PSNR ↑ | LPIPS ↓ | silhouette IoU ↑ | hull consistency ↑ |\n|---|---|---|---|---|")
+    for name, values in summary.items():
+        print(f"| {name} | {values['psnr']:.2f} | {values['lpips']:.3f} | {values['iou']:.3f} | "
+              f"{values['hull_consistency']:.3f} |")
+    print(f"results: {workdir / 'results.json'}, sheet: {workdir / 'orbits.png'}")
+
+
+if __name__ == "__main__":
+    main()
