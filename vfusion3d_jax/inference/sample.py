@@ -46,7 +46,7 @@ from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data.clips import encode_caption
 from vfusion3d_jax.inference import media, preprocess
 from vfusion3d_jax.models import convert
-from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion
+from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion, frame_poses
 from vfusion3d_jax.models.wan.codec import make_codec
 from vfusion3d_jax.train import finetune
 from vfusion3d_jax.train.mvdiffusion_task import sample_orbits
@@ -182,7 +182,8 @@ class OrbitSampler:
         # One noise for every input: an orbit does not depend on the input's place in the batch.
         noise = jax.random.normal(key, self.latent_shape, jnp.float32)
         noise = jnp.broadcast_to(noise, (len(images),) + self.latent_shape)
-        orbits = sample_orbits(model, self.config, first_frame, relative_pose, caption, noise, keep_image)
+        poses = frame_poses(relative_pose, codec.frame_stride)
+        orbits = sample_orbits(model, self.config, first_frame, poses, caption, noise, keep_image)
         pixels = jnp.clip((codec.decode(orbits) + 1.0) / 2.0, 0.0, 1.0)
         # Frame 0 is the input itself, not its round trip through a (lossy) VAE.
         kept = keep_image[:, None, None, None]

@@ -125,6 +125,9 @@ class MultiViewDiffusion(nnx.Module):
         view, used where keep_first_frame (B,) is true; relative_pose (B, F, 3); text (B, L, text_dim).
         """
         batch, frames = noisy.shape[:2]
+        if relative_pose.shape[1] != frames:
+            raise ValueError(f"{relative_pose.shape[1]} frame poses for {frames} frames: give one pose per frame "
+                             f"of the codec's space (`frame_poses`)")
         keep = keep_first_frame.astype(bool)
         is_first = (jnp.arange(frames) == 0)[None, :] & keep[:, None]  # (B, F)
         video = jnp.where(is_first[:, :, None, None, None], first_frame[:, None].astype(noisy.dtype), noisy)
@@ -141,6 +144,12 @@ class MultiViewDiffusion(nnx.Module):
         """The video frame (the first of its temporal patch) of each token, frame-major token order."""
         stride = frames // token_frames
         return np.repeat(np.arange(token_frames) * stride, tokens_per_frame)
+
+
+def frame_poses(relative_pose: jax.Array, frame_stride: int) -> jax.Array:
+    """Video frames' poses (B, F, 3) → one per frame of a codec that keeps frame 0 and then one frame
+    per `frame_stride` (Wan's causal VAE: latent frame k ≥ 1 ends at video frame k·stride)."""
+    return relative_pose[:, ::frame_stride]
 
 
 def abstract_mvdiffusion(config: ml_collections.ConfigDict) -> MultiViewDiffusion:

@@ -36,10 +36,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import spmd
-from jax.sharding import PartitionSpec
 
 from vfusion3d_jax.cameras import pixel_rays, split_render_camera
+from vfusion3d_jax.partitioning import constrain, mesh_axes
 from vfusion3d_jax.rendering.ray_marching import (
     INVERSE_CDF_METHODS,
     OUT_OF_BOX_RAW_DENSITY,
@@ -205,8 +204,8 @@ def render_views(decoder: TriplaneDecoder, planes: jax.Array, cameras: jax.Array
         origins, directions = per_view(cam2world.reshape(-1, 4, 4), intrinsics.reshape(-1, 3, 3),
                                        jnp.reshape(crop_start, (-1, 2)))
     num_rays = num_views * crop * crop
-    origins = _constrain(origins.reshape(num_objects, num_rays, 3), (BATCH_AXIS, RAY_AXIS, None))
-    directions = _constrain(directions.reshape(num_objects, num_rays, 3), (BATCH_AXIS, RAY_AXIS, None))
+    origins = constrain(origins.reshape(num_objects, num_rays, 3), (BATCH_AXIS, RAY_AXIS, None))
+    directions = constrain(directions.reshape(num_objects, num_rays, 3), (BATCH_AXIS, RAY_AXIS, None))
 
     # Official: ray limits from detached rays; the fix-up couples all rays of the call.
     tmin, tmax = intersect_box(jax.lax.stop_gradient(origins), jax.lax.stop_gradient(directions),
@@ -220,7 +219,7 @@ def render_views(decoder: TriplaneDecoder, planes: jax.Array, cameras: jax.Array
     shards = _ray_shards()
     tables = plane_table(decoder.project_planes(planes))
     tables = jnp.broadcast_to(tables[:, None], (num_objects, shards) + tables.shape[1:])
-    tables = _constrain(tables, (BATCH_AXIS, RAY_AXIS) + (None,) * (tables.ndim - 2))
+    tables = constrain(tables, (BATCH_AXIS, RAY_AXIS) + (None,) * (tables.ndim - 2))
     box_centre = (options.box_min + options.box_max) / 2
     box_scale = 2 / (options.box_max - options.box_min)
     ray_ids = jnp.arange(num_objects * num_rays, dtype=jnp.uint32).reshape(num_objects, num_rays)
@@ -228,7 +227,7 @@ def render_views(decoder: TriplaneDecoder, planes: jax.Array, cameras: jax.Array
     # Unsharded, the MLP runs on all samples as one matrix: its weight gradients are then plain
     # matmuls (XLA:CPU runs contractions over several axes ~1.5x slower). Sharded, the object and
     # shard axes stay separate so that the partitioner keeps every sample on its device.
-    unsharded = shards == 1 and _mesh_axes(BATCH_AXIS) is None
+    unsharded = shards == 1 and mesh_axes(BATCH_AXIS) is None
 
     def field(points):
         # Official: coordinates * (2 / box_warp) for a box centred at the origin. Lookups are per
@@ -302,45 +301,23 @@ def _map_ray_chunks(render_chunk: Callable, rays: dict[str, jax.Array], options:
     def split(x):
         x = jnp.pad(x, ((0, 0), (0, padded - num_rays)) + ((0, 0),) * (x.ndim - 2), mode="edge")
         x = x.reshape((num_objects, shards, num_chunks, chunk_local) + x.shape[2:])
-        return _constrain(jnp.moveaxis(x, 2, 0), (None, BATCH_AXIS, RAY_AXIS) + (None,) * (x.ndim - 3))
+        return constrain(jnp.moveaxis(x, 2, 0), (None, BATCH_AXIS, RAY_AXIS) + (None,) * (x.ndim - 3))
 
     def merge(y):
         return jnp.moveaxis(y, 0, 2).reshape((num_objects, padded) + y.shape[4:])[:, :num_rays]
 
     def step(chunk):
         out = render_chunk(chunk)
-        return jax.tree.map(lambda y: _constrain(y, (BATCH_AXIS, RAY_AXIS) + (None,) * (y.ndim - 2)), out)
+        return jax.tree.map(lambda y: constrain(y, (BATCH_AXIS, RAY_AXIS) + (None,) * (y.ndim - 2)), out)
 
     if options.remat:
         step = jax.checkpoint(step)
     return jax.tree.map(merge, jax.lax.map(step, jax.tree.map(split, rays)))
 
 
-def _mesh_axes(logical_axis: str | None):
-    """Mesh axes that the current flax logical-axis rules map `logical_axis` to (None = unmapped)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if logical_axis is None or mesh.empty:
-        return None
-    for name, mesh_axes in spmd.get_logical_axis_rules():
-        if name == logical_axis:
-            mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-            mesh_axes = tuple(axis for axis in mesh_axes if axis in mesh.axis_names)
-            return mesh_axes or None
-    return None
-
-
 def _ray_shards() -> int:
-    mesh_axes = _mesh_axes(RAY_AXIS) or ()
     mesh_shape = jax.sharding.get_abstract_mesh().shape
-    return math.prod(mesh_shape[axis] for axis in mesh_axes)
-
-
-def _constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
-    """Sharding constraint from logical axis names; a no-op without a mesh or matching rules."""
-    mesh_axes = [_mesh_axes(name) for name in logical_axes]
-    if all(axes is None for axes in mesh_axes):
-        return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*mesh_axes))
+    return math.prod(mesh_shape[axis] for axis in mesh_axes(RAY_AXIS) or ())
 
 
 def _check_shapes(decoder, planes, cameras, resolution, crop, crop_start, options, key, background):

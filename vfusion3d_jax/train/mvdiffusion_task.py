@@ -24,7 +24,7 @@ from flax import nnx
 
 from vfusion3d_jax import diffusion
 from vfusion3d_jax.data import pipeline
-from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion
+from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion, frame_poses
 from vfusion3d_jax.models.mvdiffusion import count_parameters as _count_parameters
 from vfusion3d_jax.models.wan.codec import Codec, make_codec
 from vfusion3d_jax.train import metrics, sharding
@@ -87,7 +87,8 @@ def loss_fn(config: ml_collections.ConfigDict):
         keep_image = jax.random.uniform(image_key, (batch_size,)) >= conditioning.image_dropout
         keep_text = jax.random.uniform(text_key, (batch_size,)) >= conditioning.text_dropout
         text = text_embeddings(model, batch["caption_bytes"], keep_text)
-        _, value = flow_matching_loss(model, clean, noise, sigmas, batch["clip_relative_pose"], text, keep_image)
+        poses = frame_poses(batch["clip_relative_pose"], codec.frame_stride)
+        _, value = flow_matching_loss(model, clean, noise, sigmas, poses, text, keep_image)
         return value, dict(flow_matching=value)
 
     return loss
@@ -144,11 +145,12 @@ def make_eval_step(config: ml_collections.ConfigDict, model_graphdef, mesh: jax.
         noise = jax.random.normal(key, clean.shape, jnp.float32)
         keep = jnp.ones(batch_size, bool)
         text = text_embeddings(model, batch["caption_bytes"], keep)
+        poses = frame_poses(batch["clip_relative_pose"], codec.frame_stride)
         values = {}
         for sigma in VALIDATION_SIGMAS:
             values[f"loss_sigma_{sigma:g}"], _ = flow_matching_loss(
-                model, clean, noise, jnp.full((batch_size,), sigma), batch["clip_relative_pose"], text, keep)
-        orbits = sample_orbits(model, config, clean[:, 0], batch["clip_relative_pose"], batch["caption_bytes"],
+                model, clean, noise, jnp.full((batch_size,), sigma), poses, text, keep)
+        orbits = sample_orbits(model, config, clean[:, 0], poses, batch["caption_bytes"],
                                jax.random.normal(jax.random.fold_in(key, 1), clean.shape, jnp.float32))
         pixels = jnp.clip((codec.decode(orbits) + 1.0) / 2.0, 0.0, 1.0)
         truth = batch["clip_images"]

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from vfusion3d_jax.models import layers
+from vfusion3d_jax.partitioning import constrain
 
 # `jax.nn.dot_product_attention` implementations: None lets JAX choose (XLA), "cudnn" is the fused
 # GPU kernel (bfloat16/float16 only). A TPU splash-attention kernel would be one more name here.
@@ -50,6 +51,10 @@ TIMESTEP_MAX_PERIOD = 10000
 # diffusers' WanImageEmbedding uses torch.nn.LayerNorm's default epsilon, not the model's `eps`.
 IMAGE_EMBEDDER_EPS = 1e-5
 NUM_MODULATIONS = 6  # shift, scale, gate of self-attention; shift, scale, gate of the FFN
+# Activation sharding (vfusion3d_jax/partitioning.py): the token stream (B, N, D) and attention's
+# (B, N, heads, head_dim) arrays stay split by example over the mesh's batch axes.
+BATCH_TOKENS = ("act_batch", None, None)
+BATCH_HEADS = ("act_batch", None, None, None)
 
 Dtype = layers.Dtype
 _ACTIVATIONS = {
@@ -63,7 +68,10 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, *, implementat
     """Softmax attention of (batch, tokens, heads, head_dim) arrays with scores scaled by 1/sqrt(head_dim)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; known: {ATTENTION_IMPLEMENTATIONS}")
-    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+    # Each device attends for its own examples: without the constraint XLA may gather the batch
+    # that FSDP split and compute every example's scores on every device.
+    query, key, value = (constrain(x, BATCH_HEADS) for x in (query, key, value))
+    return constrain(jax.nn.dot_product_attention(query, key, value, implementation=implementation), BATCH_HEADS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +264,7 @@ class WanBlock(nnx.Module):
     def __call__(self, x: jax.Array, context: jax.Array, image_context: jax.Array | None, timestep_proj: jax.Array,
                  rotary: tuple[jax.Array, jax.Array]) -> jax.Array:
         """x (B, N, D); timestep_proj (B, T, 6, D) with T = 1 or N; rotary tables (N, head_dim)."""
+        x = constrain(x, BATCH_TOKENS)
         modulation = self.scale_shift_table[...].astype(jnp.float32)[None] + timestep_proj.astype(jnp.float32)
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (modulation[:, :, i] for i in range(NUM_MODULATIONS))
         stream = x.dtype
@@ -267,7 +276,8 @@ class WanBlock(nnx.Module):
         x = x + self.attn2(normed, context, image_context)
 
         normed = (self.norm3(x.astype(jnp.float32)) * (1 + ffn_scale) + ffn_shift).astype(stream)
-        return (x.astype(jnp.float32) + self.ffn(normed).astype(jnp.float32) * ffn_gate).astype(stream)
+        return constrain((x.astype(jnp.float32) + self.ffn(normed).astype(jnp.float32) * ffn_gate).astype(stream),
+                         BATCH_TOKENS)
 
 
 class PatchEmbedding(nnx.Module):
