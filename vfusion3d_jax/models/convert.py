@@ -347,13 +347,13 @@ def _describe(keys: list[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_state_dict(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict) -> None:
-    """Strict check: same key set as the model of `config` and the same shapes, else an error naming them."""
-    expected = expected_state_dict_shapes(config)
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = sorted(key for key in state_dict if key not in expected)
-    misshapen = [f"{key}: checkpoint {tuple(state_dict[key].shape)}, model {shape}"
-                 for key, shape in expected.items() if key in state_dict and tuple(state_dict[key].shape) != shape]
+def check_tensor_shapes(expected: Mapping[str, tuple[int, ...]], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Strict check of a checkpoint's tensors (`shapes`: key → shape) against a model's (`expected`):
+    the same keys and shapes, else one error naming every difference."""
+    missing = [key for key in expected if key not in shapes]
+    unexpected = sorted(key for key in shapes if key not in expected)
+    misshapen = [f"{key}: checkpoint {tuple(shapes[key])}, model {tuple(shape)}"
+                 for key, shape in expected.items() if key in shapes and tuple(shapes[key]) != tuple(shape)]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {_describe(missing)}")
@@ -363,6 +363,11 @@ def check_state_dict(state_dict: Mapping[str, Any], config: ml_collections.Confi
         problems.append(f"shape mismatches ({len(misshapen)}): {_describe(misshapen)}")
     if problems:
         raise CheckpointMismatchError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def check_state_dict(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict) -> None:
+    """Strict check: same key set as the model of `config` and the same shapes, else an error naming them."""
+    check_tensor_shapes(expected_state_dict_shapes(config), {key: tuple(value.shape) for key, value in state_dict.items()})
 
 
 def import_state_dict(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -390,28 +390,11 @@ def _expected_shapes(abstract_model: nnx.Module, export: Callable[[Any], dict[st
     return {key: tuple(value.shape) for key, value in jax.eval_shape(export, abstract).items()}
 
 
-def _describe(items: list[str], limit: int = 20) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
 def _check(tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
            ignored_key_parts: tuple[str, ...] = ()) -> None:
     """Strict check: the model's key set and shapes, else an error naming every difference."""
-    present = {key for key in tensors if not any(part in key for part in ignored_key_parts)}
-    missing = [key for key in expected if key not in present]
-    unexpected = sorted(present - set(expected))
-    misshapen = [f"{key}: checkpoint {_shape(tensors, key)}, model {shape}"
-                 for key, shape in expected.items() if key in present and _shape(tensors, key) != shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_describe(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_describe(unexpected)}")
-    if misshapen:
-        problems.append(f"shape mismatches ({len(misshapen)}): {_describe(misshapen)}")
-    if problems:
-        raise CheckpointMismatchError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    present = [key for key in tensors if not any(part in key for part in ignored_key_parts)]
+    lrm_convert.check_tensor_shapes(expected, {key: _shape(tensors, key) for key in present})
 
 
 def _import(tensors: Mapping[str, Any], rules: list[_Rule], dtype: Any, num_layers: int = 0) -> dict[str, Any]:
