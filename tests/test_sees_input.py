@@ -96,9 +96,11 @@ def test_memorised_objects_are_reconstructed_from_their_own_source(objects, memo
 def test_training_eval_sees_the_input_and_the_renders_respond_to_it(memorised):
     _, evals = memorised
     start, end = evals[0], evals[STEPS]
-    # Measured: source gradient 0.0046 -> 0.0175, gain +0.01 -> +1.15 dB, IoU 0.24 -> 0.63,
-    # PSNR 13.0 -> 17.3.
-    assert 0.0 < 2.0 * start["source_gradient"] < end["source_gradient"]
+    # Measured before tiny's source projection: source gradient 0.0046 -> 0.0175, gain +0.01 ->
+    # +1.15 dB, IoU 0.24 -> 0.63, PSNR 13.0 -> 17.3; with it the source gradient (of the mean
+    # colour) starts higher and grows less, 0.0070 -> 0.0084: the projection carries the input
+    # from step 0.
+    assert 0.0 < start["source_gradient"] < end["source_gradient"]
     # Untrained: the source barely matters; trained: it changes the reconstruction.
     assert abs(start["conditioning_gain"]) < 0.5 and end["conditioning_gain"] > 0.5
     assert end["retrieval_chance"] == pytest.approx(1 / NUM_OBJECTS)
