@@ -474,6 +474,15 @@ def run_compiled_in_child(args) -> int:
     return subprocess.call([sys.executable, __file__] + argv, env=env)
 
 
+def report(header: str, rows: list[dict], format_row, args) -> None:
+    """Prints the rows as a Markdown table and as JSON; with --record, appends the table's rows."""
+    table = [format_row(row, args) for row in rows]
+    print("\n" + header + "\n|" + "---|" * (header.count("|") - 1) + "\n" + "\n".join(table))
+    print(json.dumps(rows, indent=1, default=str))
+    if args.record:
+        record(header, table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timing", default="tiny", help="comma-separated variants to time on the local devices")
@@ -499,21 +508,11 @@ def main() -> None:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} × "
           f"{jax.devices()[0].device_kind}, load {os.getloadavg()[0]:.1f}", flush=True)
     if timing:
-        rows = [measure_timing(variant, args) for variant in timing]
-        table = [timing_row(row, args) for row in rows]
-        print("\n" + TIMING_HEADER + "\n|" + "---|" * (TIMING_HEADER.count("|") - 1) + "\n" + "\n".join(table))
-        print(json.dumps(rows, indent=1, default=str))
-        if args.record:
-            record(TIMING_HEADER, table)
+        report(TIMING_HEADER, [measure_timing(variant, args) for variant in timing], timing_row, args)
     if compiled:
         if args.devices and not os.environ.get(CHILD_ENV) and jax.device_count() != args.devices:
             sys.exit(run_compiled_in_child(args))
-        rows = [measure_compiled(variant, args) for variant in compiled]
-        table = [compiled_row(row, args) for row in rows]
-        print("\n" + COMPILED_HEADER + "\n|" + "---|" * (COMPILED_HEADER.count("|") - 1) + "\n" + "\n".join(table))
-        print(json.dumps(rows, indent=1, default=str))
-        if args.record:
-            record(COMPILED_HEADER, table)
+        report(COMPILED_HEADER, [measure_compiled(variant, args) for variant in compiled], compiled_row, args)
 
 
 if __name__ == "__main__":

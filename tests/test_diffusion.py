@@ -1,23 +1,22 @@
 """Flow-matching schedules and samplers against diffusers' schedulers (tests/fixtures/wan_reference)."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import WAN_FIXTURE_DIR
 from flax import nnx
 
 from vfusion3d_jax import diffusion
 
-WAN_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wan_reference"
 SCHEDULES = {"euler": diffusion.flow_euler_schedule, "unipc": diffusion.unipc_flow_schedule}
 
 
 @pytest.fixture(scope="module")
 def schedulers():
-    return dict(np.load(WAN_FIXTURES / "schedulers.npz"))
+    return dict(np.load(WAN_FIXTURE_DIR / "schedulers.npz"))
 
 
 def _reference(schedulers, name):
@@ -102,14 +101,14 @@ def test_guidance_scale_one_is_the_conditional_prediction():
 def _load_transformer(name):
     from vfusion3d_jax.models.wan import convert as wan_convert
 
-    return wan_convert.load_diffusers(WAN_FIXTURES / f"transformer_{name}", dtype="float32")[0]
+    return wan_convert.load_diffusers(WAN_FIXTURE_DIR / f"transformer_{name}", dtype="float32")[0]
 
 
 @pytest.mark.parametrize("task, method", [("t2v", "unipc"), ("t2v", "euler"), ("i2v", "unipc")])
 def test_guided_sampling_matches_diffusers_pipeline(task, method):
     """The Wan pipelines' denoising loop (tests/fixtures/wan_reference/README.md): the imported
     transformer, guidance 5 and the sampler give diffusers' latents after every step."""
-    reference = dict(np.load(WAN_FIXTURES / f"sampling_{task}.npz"))
+    reference = dict(np.load(WAN_FIXTURE_DIR / f"sampling_{task}.npz"))
     model = _load_transformer(task)
     config = json.loads(str(reference[f"{method}/config"]))
     schedule = SCHEDULES[method](len(reference[f"{method}/float32/timesteps"]),

@@ -6,12 +6,12 @@ trainer with the mvdiffusion task, the Wan transformer imported from diffusers' 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import WAN_FIXTURE_DIR, first_batch, init_train_state, single_device_mesh
 from flax import nnx
 from flax.nnx import traversals
 
@@ -22,7 +22,6 @@ from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion
 from vfusion3d_jax.models.wan import convert as wan_convert
 from vfusion3d_jax.train import mvdiffusion_task, sharding, trainer
 
-WAN_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wan_reference"
 NUM_VIEWS = 6
 
 
@@ -68,27 +67,12 @@ def small_config(data_dir: str, **overrides):
     return load_config("mvdiffusion.py:tiny", **fields)
 
 
-def _host_batch(config) -> dict:
-    return trainer.model_inputs(config, next(pipeline.make_iterator(trainer.make_stages(config)[0].data)))
-
-
-def _init_state(config, mesh):
-    rules = sharding.logical_rules(config.mesh.logical_rules)
-    with sharding.activate(mesh, rules):
-        create, abstract = trainer.abstract_train_state(config, mesh, rules)
-        return trainer.initialize_train_state(create, abstract), rules
-
-
-def _single_device_mesh():
-    return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-
-
 def _step(config, mesh, num_steps: int = 1):
     """`num_steps` training steps on the first batch; (initial params, final params, metrics)."""
-    state, rules = _init_state(config, mesh)
+    state, rules = init_train_state(config, mesh)
     initial = jax.device_get(nnx.to_pure_dict(state.model_state))
     with sharding.activate(mesh, rules):
-        batch = pipeline.to_global_arrays(_host_batch(config), mesh, sharding.batch_spec(rules))
+        batch = pipeline.to_global_arrays(first_batch(config), mesh, sharding.batch_spec(rules))
         step = trainer.make_train_step(config, state)
         model_state, optimizer_state = state.model_state, state.optimizer_state
         for i in range(num_steps):
@@ -101,13 +85,13 @@ def _flat(tree) -> dict:
 
 
 def test_camera_embedding_starts_at_zero_so_an_imported_model_is_unchanged():
-    imported, model_config = wan_convert.load_diffusers(WAN_FIXTURES / "transformer_t2v", dtype="float32")
+    imported, model_config = wan_convert.load_diffusers(WAN_FIXTURE_DIR / "transformer_t2v", dtype="float32")
     config = load_config("mvdiffusion.py:tiny")
     config.model = model_config
     config.conditioning.text_encoder = None
     model = MultiViewDiffusion(config, rngs=nnx.Rngs(0))
     nnx.update(model.transformer, nnx.state(imported))
-    reference = np.load(WAN_FIXTURES / "transformer_t2v.npz")
+    reference = np.load(WAN_FIXTURE_DIR / "transformer_t2v.npz")
     video = jnp.moveaxis(jnp.asarray(reference["hidden_states"]), 1, -1)  # (B, F, H, W, C)
     text = jnp.asarray(reference["encoder_hidden_states"])
     sigmas = jnp.asarray(reference["timestep"]) / 1000.0
@@ -124,7 +108,7 @@ def test_camera_embedding_starts_at_zero_so_an_imported_model_is_unchanged():
 def test_the_kept_input_frame_is_clean_and_not_part_of_the_loss(data_dir):
     config = small_config(data_dir)
     model = MultiViewDiffusion(config, rngs=nnx.Rngs(0))
-    batch = _host_batch(config)
+    batch = first_batch(config)
     clean = jnp.asarray(batch["clip_images"]) * 2 - 1
     noise = jax.random.normal(jax.random.key(0), clean.shape)
     text = model.encode_text(jnp.asarray(batch["caption_bytes"]))
@@ -145,7 +129,7 @@ def test_sampling_is_deterministic_and_guidance_one_is_the_conditional_flow(data
     model = MultiViewDiffusion(config, rngs=nnx.Rngs(0))
     model.camera_embedding.fc2.kernel[...] = 0.1 * jax.random.normal(jax.random.key(3),
                                                                      model.camera_embedding.fc2.kernel.shape)
-    batch = _host_batch(config)
+    batch = first_batch(config)
     clean = jnp.asarray(batch["clip_images"]) * 2 - 1
     pose, caption = jnp.asarray(batch["clip_relative_pose"]), jnp.asarray(batch["caption_bytes"])
     noise = jax.random.normal(jax.random.key(0), clean.shape)
@@ -169,7 +153,7 @@ def test_sampling_is_deterministic_and_guidance_one_is_the_conditional_flow(data
 
 def test_sharded_step_equals_single_device_step(data_dir):
     config = small_config(data_dir)
-    single = _step(config, _single_device_mesh())
+    single = _step(config, single_device_mesh())
     sharded = _step(config, sharding.make_mesh(config.mesh.shape))
     jax.tree.map(np.testing.assert_array_equal, single[0], sharded[0])  # same init
     np.testing.assert_allclose(sharded[2]["loss"], single[2]["loss"], rtol=1e-5)
@@ -179,7 +163,7 @@ def test_sharded_step_equals_single_device_step(data_dir):
 def test_frozen_parameters_stay_bit_identical_and_get_no_optimizer_state(data_dir):
     config = small_config(data_dir, train__finetune__mode="filter",
                           train__finetune__trainable=("^camera_embedding/", "^transformer/blocks/attn2/"))
-    initial, final, _, optimizer_state = _step(config, _single_device_mesh(), num_steps=3)
+    initial, final, _, optimizer_state = _step(config, single_device_mesh(), num_steps=3)
     flat_initial, flat_final = (_flat(tree) for tree in (initial, final))
     trainable = [path for path in flat_initial if path.startswith(("camera_embedding/", "transformer/blocks/attn2/"))]
     assert trainable and len(trainable) < len(flat_initial)

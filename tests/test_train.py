@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import first_batch, init_train_state, single_device_mesh
 from flax import nnx
 from skimage.metrics import structural_similarity
 
@@ -79,23 +80,8 @@ def small_config(data_dir: str, **overrides):
     return load_config("lrm.py:tiny", **fields)
 
 
-def _single_device_mesh():
-    return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-
-
 def _params(state: trainer.TrainState) -> dict:
     return jax.device_get(nnx.to_pure_dict(state.model_state))
-
-
-def _host_batch(config) -> dict:
-    return trainer.model_inputs(config, next(pipeline.make_iterator(trainer.make_stages(config)[0].data)))
-
-
-def _init_state(config, mesh):
-    rules = sharding.logical_rules(config.mesh.logical_rules)
-    with sharding.activate(mesh, rules):
-        create, abstract = trainer.abstract_train_state(config, mesh, rules)
-        return trainer.initialize_train_state(create, abstract), rules
 
 
 # --------------------------------------------------------------------------- sharding
@@ -276,7 +262,7 @@ def _host_batch_from_orbits() -> dict:
 
 
 def test_checkpointer_refuses_non_finite_state(tmp_path, data_dir):
-    mesh = _single_device_mesh()
+    mesh = single_device_mesh()
     rules = sharding.logical_rules(small_config(data_dir).mesh.logical_rules)
     _, abstract = trainer.abstract_train_state(small_config(data_dir), mesh, rules)
     model_state, optimizer_state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
@@ -311,18 +297,18 @@ class CompiledStep:
 def single_device(data_dir) -> CompiledStep:
     """The initial state on one device and its jitted train step, compiled once for the module."""
     config = small_config(data_dir)
-    mesh = _single_device_mesh()
-    state, rules = _init_state(config, mesh)
+    mesh = single_device_mesh()
+    state, rules = init_train_state(config, mesh)
     with sharding.activate(mesh, rules):
-        batch = pipeline.to_global_arrays(_host_batch(config), mesh, sharding.batch_spec(rules))
+        batch = pipeline.to_global_arrays(first_batch(config), mesh, sharding.batch_spec(rules))
         return CompiledStep(config, mesh, rules, state, trainer.make_train_step(config, state), batch)
 
 
 def test_evaluation_reports_foreground_input_swap_and_source_gradient(data_dir):
     config = small_config(data_dir, eval__every=1, eval__num_batches=1, eval__batch_size=4, eval__resolution=32,
                           eval__input_swap=3, eval__grid_rows=2)
-    mesh = _single_device_mesh()
-    state, rules = _init_state(config, mesh)
+    mesh = single_device_mesh()
+    state, rules = init_train_state(config, mesh)
     with sharding.activate(mesh, rules):
         eval_step = trainer.make_eval_step(config, state, mesh, rules)
         lpips_params = metrics.load_lpips_params(metrics.EVAL_LPIPS_NET)
@@ -394,11 +380,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
 def test_sharded_step_equals_single_device_step(single_device):
     config = single_device.config
     mesh = sharding.make_mesh(config.mesh.shape)  # data=2, fsdp=2, tensor=2
-    state, rules = _init_state(config, mesh)
+    state, rules = init_train_state(config, mesh)
     jax.tree.map(np.testing.assert_array_equal, _params(state), _params(single_device.state))  # same init
     results = []
     with sharding.activate(mesh, rules):
-        batch = pipeline.to_global_arrays(_host_batch(config), mesh, sharding.batch_spec(rules))
+        batch = pipeline.to_global_arrays(first_batch(config), mesh, sharding.batch_spec(rules))
         results.append(trainer.make_train_step(config, state)(state.model_state, state.optimizer_state, batch,
                                                               None, jnp.uint32(3)))
     with sharding.activate(single_device.mesh, single_device.rules):
@@ -412,7 +398,7 @@ def test_sharded_step_equals_single_device_step(single_device):
 
 def test_fsdp_shards_parameters_and_optimizer_state(data_dir):
     config = small_config(data_dir)
-    state, _ = _init_state(config, sharding.make_mesh({"fsdp": 8}))
+    state, _ = init_train_state(config, sharding.make_mesh({"fsdp": 8}))
     full = sum(x.nbytes for x in jax.tree.leaves((state.model_state, state.optimizer_state)))
     per_device = sharding.per_device_bytes((state.model_state, state.optimizer_state))
     # Everything with an "embed" axis is split 8 ways; small replicated leftovers (the decoder MLP,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SPREAD_MULTIPLE, WAN_FIXTURE_DIR, assert_matches_diffusers, float32_spread
 from flax import nnx
 
 from vfusion3d_jax.configs import load_config
@@ -22,12 +23,8 @@ from vfusion3d_jax.models import layers
 from vfusion3d_jax.models.convert import CheckpointMismatchError
 from vfusion3d_jax.models.wan import convert, transformer
 
-WAN_FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "wan_reference"
 FORMS = ("t2v", "i2v", "ti2v")
 INPUT_KEYS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
-# Our float32 error may exceed diffusers' float32 error by this factor: both round at every
-# operation, in different orders and with different kernels (exp, sin, matmul blocking).
-SPREAD_MULTIPLE = 4.0
 
 # configs/mvdiffusion.py's documented parameter counts; the released checkpoints' sizes for the
 # published shapes (equal to diffusers' WanTransformer3DModel built with their config.json).
@@ -62,11 +59,6 @@ def imported(form):
     return convert.load_diffusers(checkpoint_dir(form), dtype="float32")
 
 
-def float32_spread(reference: dict, key: str) -> float:
-    """Max |float32 - float64| of diffusers' own runs on the fixture's tensor `key`."""
-    return float(np.max(np.abs(reference[f"float32/{key}"].astype(np.float64) - reference[f"float64/{key}"])))
-
-
 def model_inputs(reference: dict) -> list:
     return [None if key not in reference else jnp.asarray(reference[key]) for key in INPUT_KEYS]
 
@@ -87,15 +79,7 @@ def test_transformer_matches_diffusers(form, reference, imported):
     ours = dict(intermediates, output=output)
     expected_keys = {key.split("/", 1)[1] for key in reference if key.startswith("float64/")}
     assert set(ours) == expected_keys
-    for key in sorted(expected_keys):
-        reference64 = reference[f"float64/{key}"]
-        actual = np.asarray(ours[key], np.float64)
-        assert actual.shape == reference64.shape, key
-        spread = float32_spread(reference, key)
-        error = np.max(np.abs(actual - reference64))
-        assert error <= SPREAD_MULTIPLE * spread, (
-            f"{form} {key}: max |ours - float64| {error:.3g} > {SPREAD_MULTIPLE} x diffusers' float32 spread "
-            f"{spread:.3g}")
+    assert_matches_diffusers(reference, ours, expected_keys, form)
 
 
 def test_rotary_split_is_diffusers(form, imported):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import SPREAD_MULTIPLE, WAN_FIXTURE_DIR, assert_matches_diffusers, float32_spread
 from flax import nnx
 
 from vfusion3d_jax import errors
@@ -27,11 +28,7 @@ from vfusion3d_jax.models.convert import CheckpointMismatchError
 from vfusion3d_jax.models.wan import codec as codec_lib
 from vfusion3d_jax.models.wan import convert, vae as vae_lib
 
-WAN_FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "wan_reference"
 FORMS = ("vae_2_1", "vae_2_2")
-# Our float32 error may exceed diffusers' float32 error by this factor: both round at every
-# operation, in different orders and with different kernels (convolution blocking, sqrt, exp).
-SPREAD_MULTIPLE = 4.0
 # Parameters of diffusers' AutoencoderKLWan built with the published vae/config.json (its state dict's sizes).
 PUBLISHED_VAE_PARAMETERS = {"wan2_1_1_3b": 126_892_531, "wan2_2_ti2v_5b": 704_688_668}
 
@@ -73,11 +70,6 @@ def _encode_and_decode_diffusers(vae, video, latent):
             vae.decode_diffusers(latent, return_intermediates=True))
 
 
-def float32_spread(reference: dict, key: str) -> float:
-    """Max |float32 - float64| of diffusers' own runs on the fixture's tensor `key`."""
-    return float(np.max(np.abs(reference[f"float32/{key}"].astype(np.float64) - reference[f"float64/{key}"])))
-
-
 def test_vae_matches_diffusers(form, reference, imported):
     vae, _ = imported
     (mean, logvar, encoder_stages), (decoded, decoder_stages) = _encode_and_decode_diffusers(
@@ -85,15 +77,7 @@ def test_vae_matches_diffusers(form, reference, imported):
     ours = dict(encoder_stages, **decoder_stages, latent_mean=mean, latent_logvar=logvar, decoded=decoded)
     expected_keys = {key.split("/", 1)[1] for key in reference if key.startswith("float64/")}
     assert expected_keys <= set(ours)  # the fixture leaves out the full-resolution decoder stages
-    for key in sorted(expected_keys):
-        reference64 = reference[f"float64/{key}"]
-        actual = np.asarray(ours[key], np.float64)
-        assert actual.shape == reference64.shape, key
-        spread = float32_spread(reference, key)
-        error = np.max(np.abs(actual - reference64))
-        assert error <= SPREAD_MULTIPLE * spread, (
-            f"{form} {key}: max |ours - float64| {error:.3g} > {SPREAD_MULTIPLE} x diffusers' float32 spread "
-            f"{spread:.3g}")
+    assert_matches_diffusers(reference, ours, expected_keys, form)
 
 
 def test_import_export_round_trip_is_exact(form, imported):

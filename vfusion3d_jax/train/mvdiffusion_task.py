@@ -111,19 +111,21 @@ def sample_orbits(model: MultiViewDiffusion, config: ml_collections.ConfigDict, 
         settings.num_steps, config.flow.shift)
     batch_size = first_frame.shape[0]
     keep_image = jnp.ones(batch_size, bool) if keep_image is None else jnp.asarray(keep_image, bool)
+    # The captions' tokens are the same at every step: encoded once, outside the sampler's scan.
+    empty = model.encode_text(jnp.zeros_like(caption_bytes))
+    text = model.encode_text(caption_bytes)
     graphdef, state = nnx.split(model)
-    empty = jnp.zeros_like(caption_bytes)
-    conditions = [dict(keep=jnp.zeros(batch_size, bool), caption=empty),
-                  dict(keep=keep_image, caption=empty),
-                  dict(keep=keep_image, caption=caption_bytes)]
+    conditions = [dict(keep=jnp.zeros(batch_size, bool), text=empty),
+                  dict(keep=keep_image, text=empty),
+                  dict(keep=keep_image, text=text)]
 
-    def model_velocity(noisy, timestep, *, keep, caption):
+    def model_velocity(noisy, timestep, *, keep, text):
         model = nnx.merge(graphdef, state, copy=True)  # fresh Variables inside the sampler's scan
         copies = noisy.shape[0] // batch_size
         sigmas = jnp.full((noisy.shape[0],), timestep / diffusion.schedules.NUM_TRAIN_TIMESTEPS)
         first = jnp.concatenate([first_frame] * copies)
         pose = jnp.concatenate([relative_pose] * copies)
-        return model(noisy, sigmas, first, pose, model.encode_text(caption), keep)
+        return model(noisy, sigmas, first, pose, text, keep)
 
     velocity = diffusion.guided_velocity(model_velocity, conditions, [settings.image_guidance, settings.text_guidance])
     orbits = diffusion.SAMPLERS[settings.sampler](velocity, noise, schedule)
