@@ -230,6 +230,7 @@ def abstract_inputs(state: trainer.TrainState, shapes: dict, mesh, rules) -> tup
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return (jax.tree.map(spec, state.model_state, state.model_shardings),
             jax.tree.map(spec, state.optimizer_state, state.optimizer_shardings),
+            jax.tree.map(spec, state.ema_state, state.ema_shardings),
             {key: jax.ShapeDtypeStruct(shape, dtype, sharding=by_example) for key, (shape, dtype) in shapes.items()},
             None, jax.ShapeDtypeStruct((), jnp.uint32, sharding=replicated))
 
@@ -328,16 +329,17 @@ def measure_timing(variant: str, args) -> dict:
         aux = mvdiffusion_task.train_aux(config)
 
         start = time.perf_counter()
-        compiled = step_fn.lower(state.model_state, state.optimizer_state, batch, aux, jnp.uint32(0)).compile()
+        compiled = step_fn.lower(state.model_state, state.optimizer_state, state.ema_state, batch, aux,
+                                 jnp.uint32(0)).compile()
         compile_s = time.perf_counter() - start
         raw_flops = flops_of(compiled)
 
-        model_state, optimizer_state = state.model_state, state.optimizer_state
+        model_state, optimizer_state, ema_state = state.model_state, state.optimizer_state, state.ema_state
         times = []
         for step in range(args.steps + 1):  # the first run is a warm-up
             start = time.perf_counter()
-            model_state, optimizer_state, metrics = compiled(model_state, optimizer_state, batch, aux,
-                                                             jnp.uint32(step))
+            model_state, optimizer_state, ema_state, metrics = compiled(model_state, optimizer_state, ema_state,
+                                                                        batch, aux, jnp.uint32(step))
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
         loss = float(metrics["loss"])

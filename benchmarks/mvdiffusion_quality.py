@@ -117,7 +117,7 @@ def main() -> None:
     train_started = time.perf_counter()
     state = trainer.train_and_evaluate(config, str(workdir / "model"))
     train_seconds = time.perf_counter() - train_started
-    model = nnx.merge(state.model_graphdef, state.model_state)
+    model = nnx.merge(state.model_graphdef, trainer.evaluation_weights(state))  # the EMA, as `sample` uses
 
     # The training set's mean orbit (frame by frame), from one pass over the training clips.
     train_data = trainer.make_stages(config)[0].data

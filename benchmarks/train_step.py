@@ -86,7 +86,7 @@ def benchmark(variant: str, stage_name: str | None, batch_size: int | None, step
         lpips_params = (jax.device_put(metrics.load_lpips_params(config.train.loss.lpips_net), replicated)
                         if losses.uses_lpips(config.train.loss) else None)
         step_fn = trainer.make_train_step(config, state)
-        args = (state.model_state, state.optimizer_state, batch, lpips_params, jnp.uint32(0))
+        args = (state.model_state, state.optimizer_state, state.ema_state, batch, lpips_params, jnp.uint32(0))
 
         start = time.perf_counter()
         compiled = step_fn.lower(*args).compile()
@@ -95,12 +95,12 @@ def benchmark(variant: str, stage_name: str | None, batch_size: int | None, step
         cost = cost[0] if isinstance(cost, list) else cost
         flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
-        model_state, optimizer_state = state.model_state, state.optimizer_state
+        model_state, optimizer_state, ema_state = state.model_state, state.optimizer_state, state.ema_state
         times = []
         for step in range(steps + 1):  # the first run is a warm-up
             start = time.perf_counter()
-            model_state, optimizer_state, step_metrics = compiled(model_state, optimizer_state, batch, lpips_params,
-                                                                  jnp.uint32(step))
+            model_state, optimizer_state, ema_state, step_metrics = compiled(
+                model_state, optimizer_state, ema_state, batch, lpips_params, jnp.uint32(step))
             jax.block_until_ready(step_metrics)
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times[1:])

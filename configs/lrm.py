@@ -179,6 +179,9 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
         grad_clip_norm=1.0,
         no_decay_patterns=(),  # substrings of parameter paths also exempt from decay
     ))
+    # An exponential moving average of the parameters, for evaluation and export (checkpoint item
+    # `ema`, read by `infer`/`evaluate`/init_checkpoint); 0 = none, as OpenLRM and VFusion3D train.
+    config.train.ema_decay = 0.0
     # VFusion3D's multi-stage training, in this order; a stage with num_steps 0 is skipped. Each
     # overrides these fields of config.data: full render side (target_resolution), optional
     # random render side per example (target_resize_range, needs patch_size), random patch side

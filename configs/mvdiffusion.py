@@ -237,6 +237,9 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     # Which parameters train (vfusion3d_jax/train/finetune.py): "full", "filter" (path regexes in
     # `trainable`) or "lora" (adapters on the attention projections, plus `trainable`).
     config.train.finetune = finetune_config()
+    # The exponential moving average of the trainable parameters that evaluation and `sample` use
+    # (checkpoint item `ema`; warmed up: min(decay, (1 + step) / (10 + step))); 0 = none.
+    config.train.ema_decay = 0.995 if variant == "tiny" else 0.9999
     # One stage of rendered orbits; synthetic orbits can join through the mixture weights.
     config.train.stage_order = ("main",)
     config.train.stages = ml_collections.ConfigDict(dict(main=dict(num_steps=steps,

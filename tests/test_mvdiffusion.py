@@ -18,6 +18,7 @@ from flax.nnx import traversals
 from vfusion3d_jax import diffusion
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data import example, pipeline, tfrecord
+from vfusion3d_jax.inference import sample
 from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion
 from vfusion3d_jax.models.wan import convert as wan_convert
 from vfusion3d_jax.train import mvdiffusion_task, sharding, trainer
@@ -67,17 +68,22 @@ def small_config(data_dir: str, **overrides):
     return load_config("mvdiffusion.py:tiny", **fields)
 
 
-def _step(config, mesh, num_steps: int = 1):
-    """`num_steps` training steps on the first batch; (initial params, final params, metrics)."""
+def _step(config, mesh, num_steps: int = 1, history: list | None = None):
+    """`num_steps` training steps on the first batch; (initial params, final params, metrics, optimiser
+    state, EMA as a pure dict or None). `history`, if given, receives the parameters after each step."""
     state, rules = init_train_state(config, mesh)
     initial = jax.device_get(nnx.to_pure_dict(state.model_state))
     with sharding.activate(mesh, rules):
         batch = pipeline.to_global_arrays(first_batch(config), mesh, sharding.batch_spec(rules))
         step = trainer.make_train_step(config, state)
-        model_state, optimizer_state = state.model_state, state.optimizer_state
+        model_state, optimizer_state, ema_state = state.model_state, state.optimizer_state, state.ema_state
         for i in range(num_steps):
-            model_state, optimizer_state, metrics = step(model_state, optimizer_state, batch, None, jnp.uint32(i))
-    return initial, jax.device_get(nnx.to_pure_dict(model_state)), jax.device_get(metrics), optimizer_state
+            model_state, optimizer_state, ema_state, metrics = step(model_state, optimizer_state, ema_state, batch,
+                                                                    None, jnp.uint32(i))
+            if history is not None:
+                history.append(jax.device_get(nnx.to_pure_dict(model_state)))
+    ema = None if ema_state is None else jax.device_get(nnx.to_pure_dict(ema_state))
+    return initial, jax.device_get(nnx.to_pure_dict(model_state)), jax.device_get(metrics), optimizer_state, ema
 
 
 def _flat(tree) -> dict:
@@ -157,13 +163,14 @@ def test_sharded_step_equals_single_device_step(data_dir):
     sharded = _step(config, sharding.make_mesh(config.mesh.shape))
     jax.tree.map(np.testing.assert_array_equal, single[0], sharded[0])  # same init
     np.testing.assert_allclose(sharded[2]["loss"], single[2]["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), sharded[1], single[1])
+    for part in (1, 4):  # the parameters and their EMA
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), sharded[part], single[part])
 
 
 def test_frozen_parameters_stay_bit_identical_and_get_no_optimizer_state(data_dir):
     config = small_config(data_dir, train__finetune__mode="filter",
                           train__finetune__trainable=("^camera_embedding/", "^transformer/blocks/attn2/"))
-    initial, final, _, optimizer_state = _step(config, single_device_mesh(), num_steps=3)
+    initial, final, _, optimizer_state, ema = _step(config, single_device_mesh(), num_steps=3)
     flat_initial, flat_final = (_flat(tree) for tree in (initial, final))
     trainable = [path for path in flat_initial if path.startswith(("camera_embedding/", "transformer/blocks/attn2/"))]
     assert trainable and len(trainable) < len(flat_initial)
@@ -175,6 +182,46 @@ def test_frozen_parameters_stay_bit_identical_and_get_no_optimizer_state(data_di
         assert not np.array_equal(flat_initial[path], flat_final[path]), path
     moments = _flat(nnx.to_pure_dict(optimizer_state))
     assert moments and not any("text_encoder" in path or "blocks/attn1" in path for path in moments)
+    assert set(_flat(ema)) == set(trainable)  # the EMA averages what trains, nothing else
+
+
+def test_ema_is_the_warmed_up_average_of_the_parameters_after_each_step(data_dir):
+    config = small_config(data_dir, train__ema_decay=0.5)
+    history = []
+    initial, final, _, _, ema = _step(config, single_device_mesh(), num_steps=3, history=history)
+    expected = _flat(initial)
+    for step, params in enumerate(history):
+        decay = min(0.5, (1 + step) / (10 + step))  # 0.1, 0.18, 0.25: the warm-up forgets the init fast
+        expected = {path: decay * value + (1 - decay) * _flat(params)[path] for path, value in expected.items()}
+    flat_ema = _flat(ema)
+    assert set(flat_ema) == set(expected)
+    moved = 0
+    for path, value in flat_ema.items():
+        np.testing.assert_allclose(value, expected[path], rtol=1e-5, atol=1e-7, err_msg=path)
+        moved += not np.allclose(value, _flat(final)[path])
+    assert moved > len(flat_ema) // 2  # an average, not a copy of the last parameters
+
+
+def test_the_ema_is_checkpointed_resumed_exactly_and_is_what_readers_load(data_dir, tmp_path):
+    config = small_config(data_dir, train__stages__main__num_steps=4, train__checkpoint_every=2)
+    whole = trainer.train_and_evaluate(config, str(tmp_path / "whole"))
+    trainer.train_and_evaluate(small_config(data_dir, train__stages__main__num_steps=4, train__checkpoint_every=2,
+                                            train__stop_after=2), str(tmp_path / "resumed"))
+    assert (tmp_path / "resumed" / "checkpoints" / "2" / "ema").is_dir()
+    resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    for part in ("model_state", "ema_state"):
+        jax.tree.map(np.testing.assert_array_equal, *(jax.device_get(nnx.to_pure_dict(getattr(state, part)))
+                                                      for state in (whole, resumed)))
+    # Sampling (and anything else that loads the model) reads the average, not the last parameters.
+    model, _, step = sample.load_orbit_model(tmp_path / "whole")
+    assert step == 4
+    loaded = _flat(jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    averaged = _flat(jax.device_get(nnx.to_pure_dict(whole.ema_state)))
+    trained = _flat(jax.device_get(nnx.to_pure_dict(whole.model_state)))
+    assert set(averaged) == set(loaded)
+    for path, value in averaged.items():
+        np.testing.assert_array_equal(loaded[path], value, err_msg=path)
+    assert sum(not np.array_equal(loaded[path], trained[path]) for path in loaded) > len(loaded) // 2
 
 
 @pytest.mark.slow

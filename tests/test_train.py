@@ -290,7 +290,7 @@ class CompiledStep:
 
     def fresh_states(self):
         """Copies of the initial states (the step donates its inputs)."""
-        return jax.tree.map(jnp.copy, (self.state.model_state, self.state.optimizer_state))
+        return jax.tree.map(jnp.copy, (self.state.model_state, self.state.optimizer_state, self.state.ema_state))
 
 
 @pytest.fixture(scope="module")
@@ -324,12 +324,12 @@ def test_evaluation_reports_foreground_input_swap_and_source_gradient(data_dir):
 
 
 def test_loss_decreases_on_a_fixed_batch(single_device):
-    model_state, optimizer_state = single_device.fresh_states()
+    model_state, optimizer_state, ema_state = single_device.fresh_states()
     history = []
     with sharding.activate(single_device.mesh, single_device.rules):
         for step in range(trainer.total_steps(single_device.config)):
-            model_state, optimizer_state, step_metrics = single_device.step(
-                model_state, optimizer_state, single_device.batch, None, jnp.uint32(step))
+            model_state, optimizer_state, ema_state, step_metrics = single_device.step(
+                model_state, optimizer_state, ema_state, single_device.batch, None, jnp.uint32(step))
             history.append(jax.device_get(step_metrics))
     assert all(bool(m["finite"]) for m in history)
     first, last = history[:3], history[-3:]
@@ -339,12 +339,12 @@ def test_loss_decreases_on_a_fixed_batch(single_device):
 
 
 def test_a_non_finite_step_leaves_the_state_unchanged(single_device):
-    model_state, optimizer_state = single_device.fresh_states()
+    model_state, optimizer_state, ema_state = single_device.fresh_states()
     before = jax.device_get((nnx.to_pure_dict(model_state), nnx.to_pure_dict(optimizer_state)))
     batch = dict(single_device.batch, source_camera=single_device.batch["source_camera"].at[0, 0].set(jnp.nan))
     with sharding.activate(single_device.mesh, single_device.rules):
-        model_state, optimizer_state, step_metrics = single_device.step(model_state, optimizer_state, batch, None,
-                                                                        jnp.uint32(5))
+        model_state, optimizer_state, _, step_metrics = single_device.step(model_state, optimizer_state, ema_state,
+                                                                           batch, None, jnp.uint32(5))
     assert not bool(step_metrics["finite"]) and not np.isfinite(float(step_metrics["loss"]))
     after = jax.device_get((nnx.to_pure_dict(model_state), nnx.to_pure_dict(optimizer_state)))
     jax.tree.map(np.testing.assert_array_equal, after, before)
@@ -385,12 +385,12 @@ def test_sharded_step_equals_single_device_step(single_device):
     results = []
     with sharding.activate(mesh, rules):
         batch = pipeline.to_global_arrays(first_batch(config), mesh, sharding.batch_spec(rules))
-        results.append(trainer.make_train_step(config, state)(state.model_state, state.optimizer_state, batch,
-                                                              None, jnp.uint32(3)))
+        results.append(trainer.make_train_step(config, state)(state.model_state, state.optimizer_state,
+                                                              state.ema_state, batch, None, jnp.uint32(3)))
     with sharding.activate(single_device.mesh, single_device.rules):
         results.append(single_device.step(*single_device.fresh_states(), single_device.batch, None, jnp.uint32(3)))
     (sharded, _, sharded_metrics), (single, _, single_metrics) = jax.device_get(
-        [(nnx.to_pure_dict(model_state), None, step_metrics) for model_state, _, step_metrics in results])
+        [(nnx.to_pure_dict(model_state), None, step_metrics) for model_state, _, _, step_metrics in results])
     np.testing.assert_allclose(sharded_metrics["loss"], single_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(sharded_metrics["grad_norm"], single_metrics["grad_norm"], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), sharded, single)

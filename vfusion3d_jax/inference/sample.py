@@ -4,8 +4,9 @@
         --workdir=OUT [--config=configs/sample.py --config.sample.seed=1 --config.elevation_deg=20 ...]
     python -m vfusion3d_jax sample --checkpoint=RUN_DIR --prompt=TEXT --workdir=OUT
 
-The checkpoint is a `train --config=configs/mvdiffusion.py:VARIANT` run: its newest step and the
-config it was trained with (LoRA adapters are merged into their kernels). Each image is prepared
+The checkpoint is a `train --config=configs/mvdiffusion.py:VARIANT` run: its newest step, with the
+EMA of the parameters where the run kept one (`config.train.ema_decay`), and the config it was
+trained with (LoRA adapters are merged into their kernels). Each image is prepared
 the way a training clip's frame 0 looks: the object over white, recentred as `render-data` frames
 objects, at the clip resolution. Its orbit is `num_frames` views evenly spaced in azimuth from the
 input view at `elevation_deg`, captioned by the prompt (none: the empty caption). Without

@@ -44,13 +44,14 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags, logging
-from flax import nnx
+from etils import epath
+from flax import nnx, traverse_util
 from flax.nnx import traversals
 
 from vfusion3d_jax import errors
 from vfusion3d_jax.models.lrm import LRM, abstract_lrm
 
-CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_SUBDIR = "checkpoints"  # under a run's workdir
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # The official inferrer's input: the canonical source camera at distance 1 (cameras.
 # CANONICAL_SOURCE_CAM2WORLD) and objects recentred with a border ratio of 0.2.
@@ -494,10 +495,34 @@ def load_checkpoint_config(checkpoint_dir: str | Path, step: int | None = None) 
     return ml_collections.ConfigDict(restored["config"])
 
 
+def read_model(manager: ocp.CheckpointManager, step: int, target: dict) -> dict:
+    """The model of checkpoint `step` as a pure dict, restored into `target` (a pure dict of
+    `jax.ShapeDtypeStruct`s with shardings): the `model` item, with the parameters of the `ema` item
+    over it where the run kept an average (what sampling and fine-tuning should start from)."""
+    restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"]
+    ema_dir = epath.Path(manager.directory) / str(step) / "ema"
+    if not ema_dir.exists():
+        return restored
+    saved = {tuple(map(str, path)) for path in
+             traverse_util.flatten_dict(ocp.StandardCheckpointHandler().metadata(ema_dir).tree)}
+    flat_target = {tuple(map(str, path)): (path, leaf) for path, leaf in traverse_util.flatten_dict(target).items()}
+    unknown = saved - set(flat_target)
+    if unknown:
+        raise errors.InvalidCheckpointError(
+            f"the EMA of step {step} in {manager.directory} has parameters the model lacks: {sorted(unknown)[:3]}")
+    ema_target = traverse_util.unflatten_dict({flat_target[path][0]: flat_target[path][1] for path in saved})
+    ema = ocp.StandardCheckpointHandler().restore(ema_dir, args=ocp.args.StandardRestore(ema_target))
+    flat = traverse_util.flatten_dict(restored)
+    flat.update(traverse_util.flatten_dict(ema))
+    logging.info("model of step %d: the EMA of %d parameter arrays over the trained ones", step, len(saved))
+    return traverse_util.unflatten_dict(flat)
+
+
 def load_model(checkpoint_dir: str | Path, abstract_model: Callable[[ml_collections.ConfigDict], nnx.Module],
                step: int | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict]:
     """The model of a converted (or trained) checkpoint, on the default device, and the checkpoint's
-    config; `abstract_model(config.model)` gives the model's shapes (e.g. `abstract_lrm`)."""
+    config; `abstract_model(config.model)` gives the model's shapes (e.g. `abstract_lrm`). A run that
+    kept an EMA gives its averaged parameters (`read_model`)."""
     manager = _checkpoint_manager(checkpoint_dir)
     step = _latest_step(manager, step)
     config = ml_collections.ConfigDict(
@@ -505,8 +530,7 @@ def load_model(checkpoint_dir: str | Path, abstract_model: Callable[[ml_collecti
     graphdef, state = nnx.split(abstract_model(config.model))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
-    restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-    nnx.replace_by_pure_dict(state, restored["model"])
+    nnx.replace_by_pure_dict(state, read_model(manager, step, target))
     return nnx.merge(graphdef, state), config
 
 

@@ -2,6 +2,8 @@
 
     <workdir>/checkpoints/<step>/
         model/      the model's NNX state (pure dict of arrays, sharded save/restore)
+        ema/        the exponential moving average of the trainable parameters, when the run keeps
+                    one (`config.train.ema_decay`); readers of the model take it over `model/`
         optimizer/  the NNX optimiser state (step count, Adam moments)
         data/       the Grain iterator's position, one JSON file per host
         progress/   JSON: training step and the stage whose data iterator is saved
@@ -26,12 +28,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
 
 from vfusion3d_jax import errors
+from vfusion3d_jax.models import convert
+from vfusion3d_jax.models.convert import CHECKPOINT_SUBDIR
 
-ITEMS = ("model", "optimizer", "data", "progress", "config")
-CHECKPOINT_SUBDIR = "checkpoints"  # under a run's workdir
+ITEMS = ("model", "ema", "optimizer", "data", "progress", "config")
 
 
 class NonFiniteStateError(errors.NonFiniteError):
@@ -81,20 +84,23 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
     def save(self, step: int, model_state: nnx.State, optimizer_state: nnx.State, *,
-             data_iterator: grain.DatasetIterator | None, progress: dict[str, Any], force: bool = False) -> bool:
+             data_iterator: grain.DatasetIterator | None, progress: dict[str, Any], force: bool = False,
+             ema_state: nnx.State | None = None) -> bool:
         """Starts writing the checkpoint of `step` if the interval says so (or `force`); True if it did.
 
         Raises `NonFiniteStateError` instead of writing a state with a NaN or infinity.
         """
         if not (force or self._manager.should_save(step)):
             return False
-        if not bool(all_finite((model_state, optimizer_state))):
+        if not bool(all_finite((model_state, optimizer_state, ema_state))):
             raise NonFiniteStateError(f"refusing to checkpoint step {step}: the training state is not finite")
         items = dict(
             model=ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
             optimizer=ocp.args.StandardSave(nnx.to_pure_dict(optimizer_state)),
             progress=ocp.args.JsonSave(dict(progress, step=step)),
         )
+        if ema_state is not None:
+            items["ema"] = ocp.args.StandardSave(nnx.to_pure_dict(ema_state))
         if data_iterator is not None:
             # Grain's handler calls get_state() inside save(), before save() returns.
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -111,25 +117,29 @@ class Checkpointer:
 
     def restore(self, step: int, model_state: nnx.State, optimizer_state: nnx.State,
                 model_shardings: nnx.State, optimizer_shardings: nnx.State, *,
-                data_iterator: grain.DatasetIterator | None) -> tuple[nnx.State, nnx.State]:
-        """Restores the model and optimiser states of `step` (and moves `data_iterator` to its position).
+                data_iterator: grain.DatasetIterator | None, ema_state: nnx.State | None = None,
+                ema_shardings: nnx.State | None = None) -> tuple[nnx.State, nnx.State, nnx.State | None]:
+        """Restores the model, optimiser and (when `ema_state` is given) EMA states of `step`, and moves
+        `data_iterator` to its position.
 
-        `model_state`/`optimizer_state` may be abstract (from `nnx.eval_shape`); the
-        arrays come back with the given shardings, read shard by shard.
+        The states may be abstract (from `nnx.eval_shape`); the arrays come back with the given
+        shardings, read shard by shard. A run that starts keeping an EMA on resume starts it from
+        the restored parameters.
         """
-        items = dict(
-            model=ocp.args.StandardRestore(_abstract_pure_dict(model_state, model_shardings)),
-            optimizer=ocp.args.StandardRestore(_abstract_pure_dict(optimizer_state, optimizer_shardings)),
-        )
+        states = dict(model=(model_state, model_shardings), optimizer=(optimizer_state, optimizer_shardings))
+        has_ema = ema_state is not None and (self.directory / str(step) / "ema").exists()
+        if has_ema:
+            states["ema"] = (ema_state, ema_shardings)
+        items = {name: ocp.args.StandardRestore(_abstract_pure_dict(*pair)) for name, pair in states.items()}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        model_state = jax.tree.map(lambda x: x, model_state)  # a copy to fill in: replace_by_pure_dict mutates
-        optimizer_state = jax.tree.map(lambda x: x, optimizer_state)
-        nnx.replace_by_pure_dict(model_state, restored["model"])
-        nnx.replace_by_pure_dict(optimizer_state, restored["optimizer"])
+        filled = {name: _filled(state, restored[name]) for name, (state, _) in states.items()}
+        if ema_state is not None and not has_ema:
+            logging.warning("checkpoint of step %d has no EMA: starting it from the parameters", step)
+            filled["ema"] = jax.tree.map(jnp.copy, _filled(ema_state, _subtree(restored["model"], ema_state)))
         logging.info("restored checkpoint of step %d from %s", step, self.directory)
-        return model_state, optimizer_state
+        return filled["model"], filled["optimizer"], filled.get("ema")
 
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()
@@ -140,9 +150,24 @@ class Checkpointer:
         self._manager.close()
 
 
+def _filled(state: nnx.State, pure: dict) -> nnx.State:
+    """A copy of `state` (possibly abstract) holding the arrays of `pure` (replace_by_pure_dict mutates)."""
+    state = jax.tree.map(lambda x: x, state)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def _subtree(pure: dict, like: nnx.State) -> dict:
+    """The leaves of the nested dict `pure` at the paths of `like` (a state with a subset of its paths)."""
+    wanted = {tuple(map(str, path)) for path in traverse_util.flatten_dict(nnx.to_pure_dict(like))}
+    return traverse_util.unflatten_dict({path: leaf for path, leaf in traverse_util.flatten_dict(pure).items()
+                                         if tuple(map(str, path)) in wanted})
+
+
 def restore_model(directory: str, model_state: nnx.State, model_shardings: nnx.State,
                   step: int | None = None) -> nnx.State:
-    """The `model` item of another run's checkpoint (newest step by default), into the given shardings.
+    """The model of another run's checkpoint (newest step by default; `read_model`: the EMA where it
+    has one), into the given shardings.
 
     `directory` is a workdir or its `checkpoints/` folder: a training run's, or the
     output of `convert` (the official weights), which has the same layout.
@@ -155,11 +180,8 @@ def restore_model(directory: str, model_state: nnx.State, model_shardings: nnx.S
     if step is None:
         raise errors.MissingCheckpointError(f"no checkpoint in {path}").with_hint(
             "--config.train.init_checkpoint takes a training run's workdir or a `convert` output")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(_abstract_pure_dict(model_state, model_shardings))))
+    restored = convert.read_model(manager, step, _abstract_pure_dict(model_state, model_shardings))
     manager.close()
-    model_state = jax.tree.map(lambda x: x, model_state)
-    nnx.replace_by_pure_dict(model_state, restored["model"])
     logging.info("model initialised from step %d of %s", step, path)
-    return model_state
+    return _filled(model_state, restored)
 

@@ -145,6 +145,10 @@ class TrainState:
     optimizer_state: nnx.State
     model_shardings: nnx.State
     optimizer_shardings: nnx.State
+    trainable: Any = nnx.Param  # the NNX filter of the parameters that train (config.train.finetune)
+    # The moving average of the trainable parameters (`config.train.ema_decay` > 0), else None.
+    ema_state: nnx.State | None = None
+    ema_shardings: nnx.State | None = None
 
 
 def finetuning_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -152,10 +156,19 @@ def finetuning_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return config.train.get("finetune") or finetune.finetune_config()
 
 
+def ema_decay_of(config: ml_collections.ConfigDict) -> float:
+    """`config.train.ema_decay`: the EMA's decay per step, 0 (the default) for no EMA."""
+    decay = float(config.train.get("ema_decay", 0.0))
+    if not 0.0 <= decay < 1.0:
+        raise errors.InvalidConfigValueError(f"config.train.ema_decay must be in [0, 1), got {decay}")
+    return decay
+
+
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.LogicalRules):
     """(state constructor, abstract TrainState): shapes and shardings only, nothing allocated.
 
-    Only the trainable parameters (`config.train.finetune`) get optimiser state.
+    Only the trainable parameters (`config.train.finetune`) get optimiser state, and an EMA when
+    `config.train.ema_decay` > 0 (sharded as the parameters it averages).
     """
     task, finetuning = task_of(config), finetuning_of(config)
     trainable = finetune.trainable_filter(finetuning)
@@ -176,7 +189,10 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.M
     optimizer_graphdef, optimizer_state = nnx.split(abstract_optimizer)
     state = TrainState(model_graphdef, optimizer_graphdef, model_state, optimizer_state,
                        sharding.state_shardings(model_state, mesh, rules),
-                       sharding.state_shardings(optimizer_state, mesh, rules))
+                       sharding.state_shardings(optimizer_state, mesh, rules), trainable)
+    if ema_decay_of(config):
+        state.ema_state = nnx.filter_state(model_state, trainable)
+        state.ema_shardings = nnx.filter_state(state.model_shardings, trainable)
     return create, state
 
 
@@ -189,44 +205,64 @@ def initialize_train_state(create, abstract: TrainState) -> TrainState:
 
     model_state, optimizer_state = jax.jit(
         init, out_shardings=(abstract.model_shardings, abstract.optimizer_shardings))()
-    return dataclasses.replace(abstract, model_state=model_state, optimizer_state=optimizer_state)
+    return start_ema(dataclasses.replace(abstract, model_state=model_state, optimizer_state=optimizer_state))
+
+
+def start_ema(state: TrainState) -> TrainState:
+    """The state with its EMA (if it keeps one) set to a copy of the current trainable parameters:
+    at init, and again once `init_checkpoint` has put in the pretrained ones."""
+    if state.ema_state is None:
+        return state
+    params = nnx.filter_state(state.model_state, state.trainable)
+    return dataclasses.replace(state, ema_state=jax.jit(finetune.init_ema, out_shardings=state.ema_shardings)(params))
+
+
+def evaluation_weights(state: TrainState) -> nnx.State:
+    """The model state that evaluation and sampling use: the EMA's parameters where there is one."""
+    if state.ema_state is None:
+        return state.model_state
+    return nnx.merge_state(state.model_state, state.ema_state)
 
 
 # --------------------------------------------------------------------------- steps
 
 
 def make_train_step(config: ml_collections.ConfigDict, state: TrainState):
-    """The jitted step `(model_state, optimizer_state, batch, aux, step) → (states, metrics)`, where
-    `aux` is what the task's loss needs besides the batch (`task.train_aux`, e.g. LPIPS weights).
+    """The jitted step `(model_state, optimizer_state, ema_state, batch, aux, step) → (the three
+    states, metrics)`, where `aux` is what the task's loss needs besides the batch (`task.train_aux`,
+    e.g. LPIPS weights) and `ema_state` is None in a run without EMA.
 
     States are donated. Shapes come from the batch, so each stage compiles its own program, once.
     """
     loss_fn = task_of(config).loss_fn(config)
-    trainable = nnx.DiffState(0, finetune.trainable_filter(finetuning_of(config)))  # frozen: no gradient
-    seed = config.train.seed
+    trainable = nnx.DiffState(0, state.trainable)  # frozen: no gradient
+    seed, ema_decay = config.train.seed, ema_decay_of(config)
     schedule = optimizer_lib.learning_rate_schedule(config.train.optimizer, total_steps(config))
 
-    def train_step(model_state, optimizer_state, batch, aux, step):
+    def train_step(model_state, optimizer_state, ema_state, batch, aux, step):
         model = nnx.merge(state.model_graphdef, model_state)
         optimizer = nnx.merge(state.optimizer_graphdef, optimizer_state)
         # Copies of the incoming state, kept apart from the Variables that the update mutates.
-        previous = jax.tree.map(lambda x: x, (model_state, optimizer_state))
+        previous = jax.tree.map(lambda x: x, (model_state, optimizer_state, ema_state))
         key = jax.random.fold_in(jax.random.key(seed), step)
         (loss, terms), grads = nnx.value_and_grad(lambda model: loss_fn(model, batch, key, aux), argnums=trainable,
                                                   has_aux=True)(model)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         optimizer.update(model, grads)
+        if ema_state is not None:
+            ema_state = finetune.ema_update(ema_state, nnx.state(model, state.trainable), ema_decay, step=step)
         # A non-finite step leaves the state as it was: nothing poisoned survives the step.
-        updated = (nnx.state(model), nnx.state(optimizer))
-        model_state, optimizer_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
+        updated = (nnx.state(model), nnx.state(optimizer), ema_state)
+        model_state, optimizer_state, ema_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), updated, previous)
         step_metrics = dict(terms, loss=loss, grad_norm=grad_norm, finite=finite,
                             learning_rate=schedule(previous[1]["step"][...]),
                             param_norm=optax.tree.norm(nnx.filter_state(model_state, nnx.Param)))
-        return model_state, optimizer_state, step_metrics
+        return model_state, optimizer_state, ema_state, step_metrics
 
-    return jax.jit(train_step, donate_argnums=(0, 1),
-                   out_shardings=(state.model_shardings, state.optimizer_shardings, None))
+    return jax.jit(train_step, donate_argnums=(0, 1, 2),
+                   out_shardings=(state.model_shardings, state.optimizer_shardings, state.ema_shardings, None))
 
 
 def make_eval_step(config: ml_collections.ConfigDict, state: TrainState, mesh: jax.sharding.Mesh,
@@ -424,9 +460,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             # The saved iterator belongs to the stage of the last step trained; past a stage
             # boundary the new stage starts from a fresh iterator instead.
             same_stage = progress.get("data_stage") == stage.index
-            state.model_state, state.optimizer_state = checkpointer.restore(
+            state.model_state, state.optimizer_state, state.ema_state = checkpointer.restore(
                 start_step, state.model_state, state.optimizer_state, state.model_shardings,
-                state.optimizer_shardings, data_iterator=iterator if same_stage else None)
+                state.optimizer_shardings, data_iterator=iterator if same_stage else None,
+                ema_state=state.ema_state, ema_shardings=state.ema_shardings)
             logging.info("resumed at step %d (stage %s)", start_step, stage.name)
         else:
             state = initialize_train_state(create, state)
@@ -436,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 restored = checkpointing.restore_model(
                     config.train.init_checkpoint, nnx.filter_state(state.model_state, base),
                     nnx.filter_state(state.model_shardings, base))
-                state.model_state = nnx.merge_state(state.model_state, restored)
+                state = start_ema(dataclasses.replace(state, model_state=nnx.merge_state(state.model_state, restored)))
 
         train_step = make_train_step(config, state)
         eval_step = make_eval_step(config, state, mesh, rules)
@@ -453,7 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             skips.merge(json.loads((workdir / SUMMARY_FILE).read_text()).get("corrupt_records_skipped", {}))
         try:
             if config.eval.every and start_step == 0:  # the untrained model: the baseline of every curve
-                values, _ = evaluate(config, eval_step, state.model_state, eval_aux, mesh, rules)
+                values, _ = evaluate(config, eval_step, evaluation_weights(state), eval_aux, mesh, rules)
                 log.scalars(0, "eval", values)
                 logging.info("eval at step 0: %s", values)
             end_step = num_steps if config.train.stop_after is None else min(num_steps, config.train.stop_after)
@@ -468,8 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                     skips.records, skips.times)
                 reporter.corrupt_skipped = skips.times
                 batch = pipeline.to_global_arrays(model_inputs(config, host_batch), mesh, batch_spec)
-                state.model_state, state.optimizer_state, step_metrics = train_step(
-                    state.model_state, state.optimizer_state, batch, train_aux, jnp.uint32(step))
+                state.model_state, state.optimizer_state, state.ema_state, step_metrics = train_step(
+                    state.model_state, state.optimizer_state, state.ema_state, batch, train_aux, jnp.uint32(step))
                 reporter.push(step, step_metrics)
                 done = step + 1
                 # On a preemption notice (TPU maintenance, spot VMs) every host saves this step and exits.
@@ -478,10 +515,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if checkpointer.should_save(done) or is_last:
                     reporter.flush()  # a non-finite step raises here, before anything is written
                     checkpointer.save(done, state.model_state, state.optimizer_state, data_iterator=iterator,
-                                      progress=dict(data_stage=stage.index), force=is_last)
+                                      progress=dict(data_stage=stage.index), force=is_last,
+                                      ema_state=state.ema_state)
                 if config.eval.every and (done % config.eval.every == 0 or is_last):
                     reporter.flush()
-                    values, grid = evaluate(config, eval_step, state.model_state, eval_aux, mesh, rules)
+                    values, grid = evaluate(config, eval_step, evaluation_weights(state), eval_aux, mesh, rules)
                     log.scalars(done, "eval", values)
                     logging.info("eval at step %d: %s", done, values)
                     if grid is not None:
