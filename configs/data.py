@@ -4,6 +4,7 @@ Variants:
     builtin   pybullet_data objects and blobs + 1000 procedural objects (~2000), 128 px, 16 views
     demo      144 assets (48 of each source), 64 px, 16 views: the README's demo (configs/demo.py)
     tiny      12 assets (8 pybullet_data objects, 4 procedural), 32 px, 8 views: tests
+    image_pool 256 procedural objects of another seed, one 64 px view each: `generate`'s inputs
 
     python -m vfusion3d_jax render-data --config=configs/data.py:builtin --workdir=data/builtin
     python -m vfusion3d_jax render-data --config=configs/data.py:tiny --workdir=data/tiny
@@ -79,6 +80,17 @@ def get_config(variant: str = "builtin") -> ml_collections.ConfigDict:
         config.resolution = 32
         config.holdout_fraction = 0.2
         config.shard_size = 4
+    elif variant == "image_pool":
+        # Images without 3D for the synthetic-data engine (`generate --config.inputs.orbits=...`):
+        # one view each of procedural objects of another seed, so none is an object of the
+        # rendered sets above (their ids, procedural/s<seed>-<index>, say so).
+        config.assets = "procedural"
+        config.num_procedural = 256
+        config.seed = 1
+        config.num_views = 1
+        config.resolution = 64
+        config.num_surface_points = 0
+        config.holdout_fraction = 0.0
     else:
-        raise ValueError(f"unknown data config variant {variant!r}; expected builtin, demo or tiny")
+        raise ValueError(f"unknown data config variant {variant!r}; expected builtin, demo, tiny or image_pool")
     return config

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from vfusion3d_jax import errors
 from vfusion3d_jax.data import example, tfrecord
@@ -33,13 +34,6 @@ TINY_TRAINING = (
     "--config.train.stages.finetune.num_steps=0", "--config.train.loss.lpips.rendered=0.0",
     "--config.train.loss.lpips.synthetic=0.0", "--config.train.log_every=1", "--config.eval.every=0",
 )
-
-
-def _cli(*args, cwd=None):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user has (the tests' 8 fake devices are for sharding)
-    return subprocess.run([sys.executable, "-m", "vfusion3d_jax", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=cwd)
 
 
 def _error_line(result) -> str:
@@ -84,7 +78,7 @@ def _damaged_copy(data_dir, tmp_path, *, flip: tuple[int, int] | None = None, tr
 # --------------------------------------------------------------------------- usage and configs
 
 
-def test_the_console_script_is_the_same_cli(tmp_path):
+def test_the_console_script_is_the_samerun_cli(tmp_path):
     # `make setup` installs it (setup.cfg console_scripts) beside the environment's python.
     script = os.path.join(os.path.dirname(sys.executable), "vfusion3d")
     assert os.access(script, os.X_OK), f"{script} missing: reinstall with `make setup`"
@@ -97,44 +91,44 @@ def test_the_console_script_is_the_same_cli(tmp_path):
 
 
 def test_unknown_command_lists_commands():
-    result = _cli("no-such-command")
+    result = run_cli("no-such-command")
     assert result.returncode == errors.UsageError.exit_code
     assert "unknown command" in result.stderr and "render-data" in result.stderr
 
 
 def test_config_typo_names_the_closest_key(tmp_path):
-    result = _cli("render-data", "--config=configs/data.py:tiny", "--config.resolutoin=16", f"--workdir={tmp_path}")
+    result = run_cli("render-data", "--config=configs/data.py:tiny", "--config.resolutoin=16", f"--workdir={tmp_path}")
     assert result.returncode == errors.UnknownConfigKeyError.exit_code
     assert _error_line(result) == "error: unknown config key 'resolutoin'; did you mean 'resolution'?"
     assert not (tmp_path / "shards").exists()
     # Nested keys, with the command's default config (no --config).
-    result = _cli("train", "--config.train.optimizer.learnig_rate=1e-3", f"--workdir={tmp_path}")
+    result = run_cli("train", "--config.train.optimizer.learnig_rate=1e-3", f"--workdir={tmp_path}")
     assert result.returncode == errors.UnknownConfigKeyError.exit_code
     assert _error_line(result) == ("error: unknown config key 'train.optimizer.learnig_rate'; "
                                    "did you mean 'train.optimizer.learning_rate'?")
 
 
 def test_invalid_config_values(tmp_path):
-    result = _cli("train", "--config.train.seed=abc", f"--workdir={tmp_path}")
+    result = run_cli("train", "--config.train.seed=abc", f"--workdir={tmp_path}")
     assert result.returncode == errors.InvalidConfigValueError.exit_code
     assert _error_line(result).startswith("error: invalid value 'abc' for config key 'train.seed'")
-    result = _cli("train", "--config=configs/lrm.py:tnyi", f"--workdir={tmp_path}")
+    result = run_cli("train", "--config=configs/lrm.py:tnyi", f"--workdir={tmp_path}")
     assert result.returncode == errors.InvalidConfigValueError.exit_code
     assert "unknown variant 'tnyi'" in _error_line(result)
-    result = _cli("train", "--config=configs/nope.py", f"--workdir={tmp_path}")
+    result = run_cli("train", "--config=configs/nope.py", f"--workdir={tmp_path}")
     assert result.returncode == errors.InvalidConfigValueError.exit_code
     assert "config file 'configs/nope.py' not found" in _error_line(result)
 
 
 def test_usage_errors_are_one_line(tmp_path):
-    result = _cli("train")
+    result = run_cli("train")
     assert result.returncode == errors.UsageError.exit_code
     assert _error_line(result).startswith("error: train needs --workdir")
-    result = _cli("train", "--workdri=x")
+    result = run_cli("train", "--workdri=x")
     assert result.returncode == errors.UsageError.exit_code
     assert _error_line(result).startswith("error: unknown flag --workdri; did you mean --workdir?")
     # convert has no default config (it reads the architecture from the checkpoint): an override needs --config.
-    result = _cli("convert", "--checkpoint=x.pth", f"--workdir={tmp_path}", "--config.model.dtype=float32")
+    result = run_cli("convert", "--checkpoint=x.pth", f"--workdir={tmp_path}", "--config.model.dtype=float32")
     assert result.returncode == errors.UsageError.exit_code
     assert "convert has no default config" in _error_line(result)
 
@@ -142,7 +136,7 @@ def test_usage_errors_are_one_line(tmp_path):
 def test_default_configs_take_overrides_from_any_directory(tmp_path):
     # `infer --config.num_frames=8` without --config: the override is accepted; what stops the
     # command is the missing checkpoint, not the flag. Run from outside the repository.
-    result = _cli("infer", "--config.num_frames=8", f"--checkpoint={tmp_path / 'none'}", f"--inputs={tmp_path}",
+    result = run_cli("infer", "--config.num_frames=8", f"--checkpoint={tmp_path / 'none'}", f"--inputs={tmp_path}",
                   f"--workdir={tmp_path / 'out'}", cwd=tmp_path)
     assert "Unknown command line flag" not in result.stderr
     assert result.returncode == errors.CheckpointError.exit_code
@@ -152,7 +146,7 @@ def test_default_configs_take_overrides_from_any_directory(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_help_of_each_command_lists_its_config_and_variants(name):
-    result = _cli(name, "--help")
+    result = run_cli(name, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     command = COMMANDS[name]
     assert result.stdout.startswith(f"usage: python -m vfusion3d_jax {name} ")
@@ -180,10 +174,10 @@ def test_every_listed_variant_and_default_config_loads():
 
 
 def test_a_glob_that_matches_nothing(tmp_path):
-    result = _cli("train", f"--config.data_dir={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'run'}")
+    result = run_cli("train", f"--config.data_dir={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'run'}")
     assert result.returncode == errors.InputError.exit_code
     assert _error_line(result).startswith(f"error: no TFRecord shards match '{tmp_path / 'nothing'}/shards/")
-    result = _cli("inspect-data", str(tmp_path / "nothing" / "*.tfrecord"))
+    result = run_cli("inspect-data", str(tmp_path / "nothing" / "*.tfrecord"))
     assert result.returncode == errors.InputError.exit_code
     assert "no TFRecord shards at" in _error_line(result)
 
@@ -193,7 +187,7 @@ def test_a_flipped_byte_names_file_record_offset_and_the_fix(tmp_path, data_dir)
     offset = int(tfrecord.read_index(data / "shards" / "train-00001-of-00002.tfrecord")[2][0])
     args = ("train", f"--config.data_dir={data}", f"--workdir={tmp_path / 'run'}", *TINY_TRAINING,
             "--config.train.stages.low_res.num_steps=100")  # reads every record before the end
-    result = _cli(*args)
+    result = run_cli(*args)
     assert result.returncode == errors.CorruptDataError.exit_code, result.stderr[-3000:]
     assert _error_line(result) == (
         f"error: corrupt TFRecord {data}/shards/train-00001-of-00002.tfrecord: record 2 at byte offset {offset}: "
@@ -201,7 +195,7 @@ def test_a_flipped_byte_names_file_record_offset_and_the_fix(tmp_path, data_dir)
     # The traceback is kept in the workdir, and printed with --verbose.
     log = (tmp_path / "run" / "error.log").read_text()
     assert "Traceback (most recent call last)" in log and "CorruptRecordError" in log
-    verbose = _cli(*args, "--verbose")
+    verbose = run_cli(*args, "--verbose")
     assert verbose.returncode == errors.CorruptDataError.exit_code
     assert "Traceback (most recent call last)" in verbose.stderr
     assert verbose.stderr.rstrip().splitlines()[-1] == _error_line(result)
@@ -209,7 +203,7 @@ def test_a_flipped_byte_names_file_record_offset_and_the_fix(tmp_path, data_dir)
 
 def test_a_truncated_shard(tmp_path, data_dir):
     data = _damaged_copy(data_dir, tmp_path, truncate_shard=0)
-    result = _cli("train", f"--config.data_dir={data}", f"--workdir={tmp_path / 'run'}", *TINY_TRAINING)
+    result = run_cli("train", f"--config.data_dir={data}", f"--workdir={tmp_path / 'run'}", *TINY_TRAINING)
     assert result.returncode == errors.CorruptDataError.exit_code, result.stderr[-3000:]
     line = _error_line(result)
     assert line.startswith(f"error: corrupt TFRecord {data}/shards/train-00000-of-00002.tfrecord: record 2 ")
@@ -219,7 +213,7 @@ def test_a_truncated_shard(tmp_path, data_dir):
 
 def test_a_non_finite_loss_stops_with_its_status(tmp_path, data_dir):
     # A learning rate of 1e30 blows the parameters up after the first update.
-    result = _cli("train", f"--config.data_dir={data_dir}", f"--workdir={tmp_path / 'run'}", *TINY_TRAINING,
+    result = run_cli("train", f"--config.data_dir={data_dir}", f"--workdir={tmp_path / 'run'}", *TINY_TRAINING,
                   "--config.train.optimizer.learning_rate=1e30", "--config.train.optimizer.warmup_steps=0")
     assert result.returncode == errors.NonFiniteError.exit_code, result.stderr[-3000:]
     line = _error_line(result)
@@ -231,7 +225,7 @@ def test_skip_corrupt_trains_on_and_reports_the_skipped_records(tmp_path, data_d
     # with skip_corrupt both are skipped, counted and named, and training goes on to the end.
     data = _damaged_copy(data_dir, tmp_path, flip=(0, 1), truncate_shard=1)
     workdir = tmp_path / "run"
-    result = _cli("train", f"--config.data_dir={data}", f"--workdir={workdir}", *TINY_TRAINING,
+    result = run_cli("train", f"--config.data_dir={data}", f"--workdir={workdir}", *TINY_TRAINING,
                   "--config.data.skip_corrupt=true", "--config.train.stages.low_res.num_steps=6")  # > 2 epochs
     assert result.returncode == 0, result.stderr[-3000:]
     flipped, truncated = (str(data / "shards" / f"train-{shard:05d}-of-00002.tfrecord") for shard in range(SHARDS))

@@ -241,7 +241,7 @@ def test_render_dataset_end_to_end(tmp_path, capsys):
     assert resumed["objects"] == 5 and resumed["skipped"] == 1
     assert all(os.stat(one_worker / "shards" / n).st_mtime_ns == mtimes[n] for n in names[1:])
     assert (one_worker / "shards" / names[0]).read_bytes() == (two_workers / "shards" / names[0]).read_bytes()
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="other settings"):
         render_dataset(_tiny_config(tmp_path / "user", resolution=24), str(one_worker), [])
 
     # inspect-data reads it all back.

@@ -2,7 +2,7 @@
 disk → `sample` → videos, sheets and frames on disk.
 
 A very small `configs/mvdiffusion.py:tiny` (4 frames of 16 px, 2 blocks, 2 sampling steps) trains
-for 3 steps through the `train` command once per module; `sample` then runs once through its
+for 3 steps through the `train` command once per session (conftest `mvdiffusion_checkpoint`); `sample` then runs once through its
 command line, and the other cases share one `OrbitSampler` (one compile) through `sample.sample`.
 The model is barely trained, so the tests check the plumbing (files, frames, seeds, the input
 view, the image condition dropped), not the orbits' quality.
@@ -12,49 +12,26 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import MVDIFFUSION_FRAMES, MVDIFFUSION_RESOLUTION, run_cli
 from PIL import Image
 
 from vfusion3d_jax import cameras, errors
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data import clips
-from vfusion3d_jax.data.render_assets import render_dataset
 from vfusion3d_jax.inference import media, preprocess, sample
 from vfusion3d_jax.models import convert
 from vfusion3d_jax.visualize import to_uint8
 
-NUM_FRAMES, RESOLUTION, BORDER_RATIO = 4, 16, 0.55
+NUM_FRAMES, RESOLUTION, BORDER_RATIO = MVDIFFUSION_FRAMES, MVDIFFUSION_RESOLUTION, 0.55
 PROMPT = "a red torus"
-TRAINING = (
-    "--config.data.num_frames=4", "--config.data.clip_resolution=16", "--config.data.batch_size=2",
-    "--config.data.read_threads=1", "--config.data.read_buffer_size=2", "--config.model.num_layers=2",
-    "--config.conditioning.text_encoder.num_layers=1", "--config.train.stages.main.num_steps=3",
-    "--config.train.optimizer.warmup_steps=1", "--config.eval.every=0", "--config.sample.num_steps=2",
-)
-
-
-def _cli(*args):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user has (the tests' 8 fake devices are for sharding)
-    return subprocess.run([sys.executable, "-m", "vfusion3d_jax", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A 3-step `train --config=configs/mvdiffusion.py:tiny` run on 4 procedural objects' orbits (16 px, 8 views)."""
-    root = tmp_path_factory.mktemp("mvdiffusion")
-    data = load_config("data.py:tiny", assets="procedural", num_procedural=4, num_views=8, resolution=RESOLUTION,
-                       supersample=1, num_surface_points=0, holdout_fraction=0.0, num_workers=1)
-    render_dataset(data, str(root / "data"), [])
-    result = _cli("train", "--config=configs/mvdiffusion.py:tiny", f"--config.data_dir={root / 'data'}", *TRAINING,
-                  f"--workdir={root / 'run'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return str(root / "run")
+def checkpoint(mvdiffusion_checkpoint) -> str:
+    return mvdiffusion_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +65,7 @@ def test_orbit_poses_are_those_of_a_clip_cut_from_a_rendered_orbit():
 
 def test_cli_writes_each_orbit_and_skips_the_unreadable_file(checkpoint, inputs, tmp_path):
     out = tmp_path / "out"
-    result = _cli("sample", f"--checkpoint={checkpoint}", f"--inputs={inputs}", f"--prompt={PROMPT}",
+    result = run_cli("sample", f"--checkpoint={checkpoint}", f"--inputs={inputs}", f"--prompt={PROMPT}",
                   f"--workdir={out}", "--config.elevation_deg=20", "--config.sample.seed=3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 orbits sampled, 1 skipped" in result.stdout

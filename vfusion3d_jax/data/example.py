@@ -16,6 +16,7 @@ alike) is one serialised `tf.train.Example` with these features (V = number of v
 | `object/source`         | bytes      | 1      | `rendered` (3D asset render) or `synthetic` (video diffusion)       |
 | `object/surface_points` | float list | P×3    | optional: points on the object's surface, world frame (below)       |
 | `object/caption`        | bytes      | 1      | optional: UTF-8 description of the object, e.g. `a red torus`       |
+| `synthetic/generation`  | bytes      | 1      | optional: JSON, how a synthetic orbit was made (below)              |
 | `meta/elevation_deg`    | float      | 1      | orbit elevation in degrees (estimated for synthetic orbits)         |
 | `meta/quality`          | float      | 1      | curation score, higher is better; NaN when unknown                  |
 | `meta/schema_version`   | int64      | 1      | 1                                                                   |
@@ -31,6 +32,11 @@ returns None for records without it.
 writes one for every object (`data.captions`: shape and colour words for procedural objects,
 the asset's name for the others), a synthetic orbit may carry its prompt. It is optional
 too: `read_metadata` and `decode_orbit` give `caption` '' for records without it.
+
+`synthetic/generation` is what `generate` knows about a synthetic orbit, as a JSON object: the
+condition (`kind` image / orbit / prompt, its `id` and file), the checkpoint and its training
+step, the sampler settings and the orbit's noise seed. Optional and free-form: readers ignore it,
+`read_generation` returns it (None when absent).
 
 Cameras follow `vfusion3d_jax.cameras` (the official model's conventions), so
 `cameras.source_camera` and `cameras.render_camera` apply to the decoded arrays directly.
@@ -51,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 from collections.abc import Sequence
 
@@ -100,13 +107,14 @@ def _azimuths_from_cameras(cam2world: np.ndarray) -> np.ndarray:
 def encode_orbit(images: np.ndarray, cam2world: np.ndarray, intrinsics: np.ndarray, *, object_id: str,
                  source: str, elevation_deg: float, quality: float = math.nan,
                  azimuths_deg: Sequence[float] | None = None, surface_points: np.ndarray | None = None,
-                 caption: str | None = None) -> bytes:
+                 caption: str | None = None, generation: dict | None = None) -> bytes:
     """Serialises one orbit as a `tf.train.Example`.
 
     images: uint8 (V, H, W, 4) RGBA; cam2world: (V, 4, 4); intrinsics: (V, 3, 3) normalised.
     `azimuths_deg` defaults to the azimuths of the camera positions. `surface_points` (P, 3),
     world frame, becomes the optional `object/surface_points` feature and `caption` the optional
-    `object/caption` (each left out when None).
+    `object/caption` and `generation` (JSON-serialisable) the optional `synthetic/generation`
+    (each left out when None).
     """
     images = np.asarray(images)
     cam2world = np.asarray(cam2world, np.float32)
@@ -143,6 +151,8 @@ def encode_orbit(images: np.ndarray, cam2world: np.ndarray, intrinsics: np.ndarr
         feature["object/surface_points"].float_list.value.extend(surface_points.reshape(-1).tolist())
     if caption is not None:
         feature["object/caption"].bytes_list.value.append(caption.encode("utf-8"))
+    if generation is not None:
+        feature["synthetic/generation"].bytes_list.value.append(json.dumps(generation, sort_keys=True).encode("utf-8"))
     feature["meta/elevation_deg"].float_list.value.append(float(elevation_deg))
     feature["meta/quality"].float_list.value.append(float(quality))
     feature["meta/schema_version"].int64_list.value.append(SCHEMA_VERSION)
@@ -188,6 +198,12 @@ def _png_size(png: bytes, object_id: str) -> tuple[int, int]:
     except (OSError, ValueError) as error:
         raise OrbitSchemaError(f"view 0 of {object_id!r} is not a readable image ({error})") from None
     return height, width
+
+
+def read_generation(record: bytes | tf_example_pb2.Example) -> dict | None:
+    """The `synthetic/generation` JSON object of a record, None when it has none."""
+    value = _optional_scalar(parse_example(record), "synthetic/generation", "bytes_list")
+    return None if value is None else json.loads(value.decode("utf-8"))
 
 
 def read_metadata(record: bytes | tf_example_pb2.Example) -> OrbitMetadata:

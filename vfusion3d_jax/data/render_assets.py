@@ -25,7 +25,6 @@ groups held out, for evaluation on unseen objects).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import multiprocessing
@@ -44,7 +43,8 @@ from absl import logging
 
 from vfusion3d_jax import cameras, errors
 from vfusion3d_jax.configs import load_config
-from vfusion3d_jax.data import assets, captions
+from vfusion3d_jax.data import assets, captions, storage
+from vfusion3d_jax.data.storage import stable_hash, write_json_atomically
 from vfusion3d_jax.data.example import encode_orbit, read_metadata
 from vfusion3d_jax.data.rasterize import Lighting, Rasterizer, placed_geometries
 from vfusion3d_jax.data.tfrecord import TFRecordWriter, iterate_records
@@ -98,11 +98,6 @@ class ShardTask:
     specs: tuple[assets.AssetSpec, ...]
 
 
-def _stable_hash(*parts) -> int:
-    """A 64-bit hash that, unlike hash(), is the same in every process and run."""
-    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little")
-
-
 def split_assets(specs: list[assets.AssetSpec], holdout_fraction: float, seed: int) -> dict[str, list]:
     """Assets by split: round(fraction * groups) whole groups held out (at least one when fraction > 0).
 
@@ -111,7 +106,7 @@ def split_assets(specs: list[assets.AssetSpec], holdout_fraction: float, seed: i
     """
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    groups = sorted({spec.group for spec in specs}, key=lambda group: _stable_hash(seed, "split", group))
+    groups = sorted({spec.group for spec in specs}, key=lambda group: stable_hash(seed, "split", group))
     num_holdout = round(holdout_fraction * len(groups))
     if holdout_fraction > 0 and len(groups) > 1:
         num_holdout = min(max(num_holdout, 1), len(groups) - 1)
@@ -139,7 +134,7 @@ def plan_shards(by_split: dict[str, list], shard_size: int, shard_dir: str) -> l
 
 def orbit_cameras(object_id: str, settings: OrbitSettings) -> tuple[np.ndarray, np.ndarray, float]:
     """cam2world (V, 4, 4), intrinsics (V, 3, 3) and elevation of an object's orbit; seeded by its id."""
-    rng = np.random.default_rng([settings.seed, _stable_hash("orbit", object_id)])
+    rng = np.random.default_rng([settings.seed, stable_hash("orbit", object_id)])
     elevation = float(rng.uniform(*settings.elevation_range_deg))
     offset = float(rng.uniform(0.0, 360.0 / settings.num_views))
     azimuths = cameras.orbit_azimuths(settings.num_views, offset_deg=offset)
@@ -163,7 +158,7 @@ def surface_points(scene: trimesh.Scene, object_id: str, settings: OrbitSettings
     if not faces:
         raise assets.AssetError(f"{object_id}: no triangles to sample surface points on")
     mesh = trimesh.Trimesh(np.concatenate(vertices), np.concatenate(faces), process=False)
-    rng = np.random.default_rng([settings.seed, _stable_hash("surface", object_id)])
+    rng = np.random.default_rng([settings.seed, stable_hash("surface", object_id)])
     points, _ = trimesh.sample.sample_surface(mesh, settings.num_surface_points, seed=rng)
     return points.astype(np.float32)
 
@@ -218,7 +213,7 @@ def render_shard(task: ShardTask, settings: OrbitSettings, on_object: Callable[[
                 skipped.append(dict(object_id=spec.object_id, path=spec.path, reason=reason))
             on_object()
     summary = _shard_summary(task, rendered, skipped, settings, seconds=time.perf_counter() - start)
-    _write_json_atomically(_summary_path(task.path), summary)
+    write_json_atomically(_summary_path(task.path), summary)
     return summary
 
 
@@ -241,13 +236,6 @@ def _existing_shard_summary(task: ShardTask, settings: OrbitSettings) -> dict:
     skipped = [dict(object_id=s.object_id, path=s.path, reason="skipped by an earlier run")
                for s in task.specs if s.object_id not in present]
     return _shard_summary(task, rendered, skipped, settings, seconds=0.0)
-
-
-def _write_json_atomically(path: str, value) -> None:
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(temporary, "w") as file:
-        json.dump(value, file, indent=2, default=str)
-    os.replace(temporary, path)
 
 
 # --- Worker processes --------------------------------------------------------------------------
@@ -298,20 +286,6 @@ def _run_tasks(tasks: list[ShardTask], settings: OrbitSettings, num_workers: int
 # --- The command -------------------------------------------------------------------------------
 
 
-def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    rendering_config = {k: v for k, v in config.to_dict().items() if k not in _OUTPUT_NEUTRAL_FIELDS}
-    rendering_config = json.loads(json.dumps(rendering_config, default=str))  # tuples -> lists, as stored
-    path = workdir / RENDER_CONFIG_FILE
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != rendering_config:
-            changed = sorted(k for k in set(stored) | set(rendering_config) if stored.get(k) != rendering_config.get(k))
-            raise ValueError(f"{workdir} holds shards rendered with another config (fields {changed} differ); "
-                             "use a new --workdir or the same config")
-    else:
-        _write_json_atomically(str(path), rendering_config)
-
-
 def render_dataset(config: ml_collections.ConfigDict | None, workdir: str | None, args: list[str]) -> dict:
     """Renders the assets of `config` into orbit TFRecord shards under `workdir`; returns the summary."""
     if args:
@@ -330,7 +304,8 @@ def render_dataset(config: ml_collections.ConfigDict | None, workdir: str | None
     workdir_path = Path(workdir)
     shard_dir = workdir_path / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
-    _check_workdir_config(workdir_path, config)
+    storage.claim_workdir(workdir_path / RENDER_CONFIG_FILE, {k: v for k, v in config.to_dict().items()
+                                                              if k not in _OUTPUT_NEUTRAL_FIELDS}, "render-data")
 
     specs = assets.list_assets(config.assets, num_procedural=config.num_procedural, seed=config.seed,
                                up_axis=config.up_axis, max_assets_per_source=config.max_assets_per_source)
@@ -370,7 +345,7 @@ def render_dataset(config: ml_collections.ConfigDict | None, workdir: str | None
         skipped_assets=skipped,
         config=json.loads(json.dumps(config.to_dict(), default=str)),
     )
-    _write_json_atomically(str(workdir_path / SUMMARY_FILE), summary)
+    write_json_atomically(str(workdir_path / SUMMARY_FILE), summary)
     logging.info("render-data summary: %s", json.dumps({k: v for k, v in summary.items()
                                                         if k not in ("skipped_assets", "config")}))
     if specs and summary["objects"] == 0:

@@ -15,8 +15,10 @@ modification time), so two folders never share an entry and a rewritten file get
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+from pathlib import Path
 
 CACHE_DIR_ENV = "VFUSION3D_CACHE_DIR"
 
@@ -93,3 +95,35 @@ def cache_path(kind: str, source: str | os.PathLike, *stamp) -> str:
     digest = hashlib.sha256("\0".join([real, *map(str, stamp)]).encode("utf-8")).hexdigest()[:16]
     name = os.path.basename(real.rstrip("/")) or "root"
     return os.path.join(cache_dir(), kind, f"{name}-{digest}")
+
+
+# --- Output folders of the data writers (`render-data`, `generate`) ----------------------------
+
+
+def stable_hash(*parts) -> int:
+    """A 64-bit hash that, unlike hash(), is the same in every process and run."""
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def write_json_atomically(path: str | os.PathLike, value) -> None:
+    """Writes `value` as JSON under a temporary name, then renames it: readers see all or nothing."""
+    path = os.fspath(path)
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(temporary, "w") as file:
+        json.dump(value, file, indent=2, default=str)
+    os.replace(temporary, path)
+
+
+def claim_workdir(path: str | os.PathLike, settings: dict, command: str) -> None:
+    """Records the `settings` (JSON-able) that the outputs in `path`'s folder are made with, or checks
+    that a restarted job has the same: a resumed job must not mix outputs of two settings."""
+    path = Path(path)
+    settings = json.loads(json.dumps(settings, default=str))  # tuples -> lists, as stored
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            raise ValueError(f"{path.parent} holds the outputs of a `{command}` run with other settings (fields "
+                             f"{changed} differ); use a new --workdir or the same settings")
+    else:
+        write_json_atomically(path, settings)

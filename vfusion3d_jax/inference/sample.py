@@ -120,7 +120,8 @@ class OrbitSampler:
     def __init__(self, model: MultiViewDiffusion, config: ml_collections.ConfigDict, *, num_frames: int,
                  batch_size: int, step: int | None = None):
         """`config`: the checkpoint's config with the sampler settings to use (`sampling_config`);
-        `step`: the checkpoint's training step, for the record."""
+        `step`: the checkpoint's training step, for the record. A `batch_size` that the number of
+        local devices divides is split over them (data parallel, the model replicated)."""
         if batch_size < 1:
             raise errors.InvalidConfigValueError(f"config.batch_size must be >= 1, got {batch_size}")
         self.config = config
@@ -134,8 +135,15 @@ class OrbitSampler:
             self.latent_shape = codec.latent_shape(num_frames, self.resolution, self.resolution)
         except ValueError as error:
             raise errors.InvalidConfigValueError(f"config.num_frames={num_frames}: {error}") from None
+        devices = jax.local_devices()
+        devices = devices if batch_size % len(devices) == 0 else devices[:1]
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+        self._by_input = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._graphdef, self._state = nnx.split(model)
+        self._state = jax.device_put(self._state, replicated)
         self._codec_graphdef, self._codec_state = nnx.split(codec)
+        self._codec_state = jax.device_put(self._codec_state, replicated)
         self._sample = jax.jit(self._sample_fn)
 
     @classmethod
@@ -155,34 +163,36 @@ class OrbitSampler:
         return encoded
 
     def sample(self, images: np.ndarray, keep_image: np.ndarray, relative_pose: np.ndarray, caption: np.ndarray,
-               seed: int) -> np.ndarray:
+               seed: int | np.ndarray) -> np.ndarray:
         """Orbits float32 (B, F, H, W, 3) in [0, 1], B ≤ batch_size.
 
         images (B, H, W, 3) in [0, 1], the input views (ignored where keep_image (B,) is false:
-        those orbits come from the caption alone); relative_pose (F, 3); caption (L,) bytes.
+        those orbits come from the caption alone); relative_pose (F, 3) or per input (B, F, 3);
+        caption (L,) bytes or per input (B, L); seed: of every input's noise, or one per input
+        (B,). An orbit depends on its input, pose, caption and seed only, never on the others in
+        the batch or on the number of devices.
         """
         count = len(images)
         if not 1 <= count <= self.batch_size:
             raise ValueError(f"between 1 and {self.batch_size} inputs per call, got {count}")
 
-        def padded(rows: np.ndarray) -> np.ndarray:
-            return np.concatenate([rows, np.repeat(rows[-1:], self.batch_size - count, axis=0)])
+        def rows(values, row_ndim: int) -> np.ndarray:
+            values = np.asarray(values)
+            values = np.broadcast_to(values, (count,) + values.shape) if values.ndim == row_ndim else values
+            padded = np.concatenate([values, np.repeat(values[-1:], self.batch_size - count, axis=0)])
+            return jax.device_put(padded, self._by_input)
 
-        batch_pose = np.broadcast_to(relative_pose, (count,) + relative_pose.shape)
-        batch_caption = np.broadcast_to(caption, (count,) + caption.shape)
-        orbits = self._sample(self._state, self._codec_state, padded(np.asarray(images, np.float32)),
-                              padded(np.asarray(keep_image, bool)), padded(batch_pose), padded(batch_caption),
-                              jax.random.key(seed))
+        orbits = self._sample(self._state, self._codec_state, rows(np.asarray(images, np.float32), 3),
+                              rows(np.asarray(keep_image, bool), 0), rows(np.asarray(relative_pose, np.float32), 2),
+                              rows(caption, 1), rows(np.asarray(seed, np.uint32), 0))
         return np.asarray(orbits[:count])
 
     def _sample_fn(self, model_state: nnx.State, codec_state: nnx.State, images: jax.Array, keep_image: jax.Array,
-                   relative_pose: jax.Array, caption: jax.Array, key: jax.Array) -> jax.Array:
+                   relative_pose: jax.Array, caption: jax.Array, seeds: jax.Array) -> jax.Array:
         model = nnx.merge(self._graphdef, model_state)
         codec = nnx.merge(self._codec_graphdef, codec_state)
         first_frame = codec.encode(images[:, None] * 2.0 - 1.0)[:, 0]  # a one-frame video
-        # One noise for every input: an orbit does not depend on the input's place in the batch.
-        noise = jax.random.normal(key, self.latent_shape, jnp.float32)
-        noise = jnp.broadcast_to(noise, (len(images),) + self.latent_shape)
+        noise = jax.vmap(lambda seed: jax.random.normal(jax.random.key(seed), self.latent_shape, jnp.float32))(seeds)
         poses = frame_poses(relative_pose, codec.frame_stride)
         orbits = sample_orbits(model, self.config, first_frame, poses, caption, noise, keep_image)
         pixels = jnp.clip((codec.decode(orbits) + 1.0) / 2.0, 0.0, 1.0)
