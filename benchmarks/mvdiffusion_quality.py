@@ -31,15 +31,11 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from vfusion3d_jax import cameras
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data import pipeline
 from vfusion3d_jax.data.render_assets import render_dataset
+from vfusion3d_jax.curation import consistency
 from vfusion3d_jax.train import metrics, mvdiffusion_task, trainer
-
-HULL_RESOLUTION = 48
-RAY_SAMPLES = 96
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,54 +47,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def silhouettes(frames: np.ndarray) -> np.ndarray:
-    """Foreground of frames (..., H, W, 3) on white: (..., H, W) bool."""
-    return np.min(frames, axis=-1) < mvdiffusion_task.FOREGROUND_THRESHOLD
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-def hull_consistency(masks: np.ndarray, render_cameras: np.ndarray) -> float:
-    """Mean IoU of each silhouette (F, H, W) with the projection of the hull carved from all of them."""
-    side = masks.shape[1]
-    grid = (np.arange(HULL_RESOLUTION) + 0.5) / HULL_RESOLUTION * 2.0 - 1.0
-    voxels = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1).reshape(-1, 3)
-    cam2world, intrinsics = cameras.split_render_camera(render_cameras.astype(np.float64))
-    inside = np.ones(len(voxels), bool)
-    for mask, c2w, k in zip(masks, cam2world, intrinsics):
-        uv = cameras.project_points(voxels, c2w, k)
-        col, row = np.floor(uv[:, 0] * side).astype(int), np.floor(uv[:, 1] * side).astype(int)
-        visible = (col >= 0) & (col < side) & (row >= 0) & (row < side)
-        inside &= visible & mask[np.clip(row, 0, side - 1), np.clip(col, 0, side - 1)]
-    hull = inside.reshape((HULL_RESOLUTION,) * 3)
-    scores = []
-    depths = np.linspace(0.0, 1.0, RAY_SAMPLES)
-    for mask, c2w, k in zip(masks, cam2world, intrinsics):
-        origins, directions = (np.asarray(x) for x in cameras.pixel_rays(jnp.asarray(c2w, jnp.float32),
-                                                                            jnp.asarray(k, jnp.float32), side))
-        distance = np.linalg.norm(origins[0])
-        points = origins[:, None] + directions[:, None] * (distance - 1.8 + 3.6 * depths)[None, :, None]
-        cells = np.floor((points + 1.0) / 2.0 * HULL_RESOLUTION).astype(int)
-        valid = np.all((cells >= 0) & (cells < HULL_RESOLUTION), axis=-1)
-        cells = np.clip(cells, 0, HULL_RESOLUTION - 1)
-        hit = np.any(valid & hull[cells[..., 0], cells[..., 1], cells[..., 2]], axis=1)
-        scores.append(iou(hit.reshape(side, side), mask))
-    return float(np.mean(scores))
-
-
 def scores(frames: np.ndarray, truth: np.ndarray, true_masks: np.ndarray, render_cameras: np.ndarray,
            lpips_params) -> dict[str, float]:
     """Metrics of one orbit (F, H, W, 3) against the truth, over the generated frames 1 … F−1."""
     generated, target = jnp.asarray(frames[1:]), jnp.asarray(truth[1:])
-    masks = silhouettes(frames)
+    masks = consistency.silhouettes(frames)
     return dict(
         psnr=float(jnp.mean(metrics.psnr(generated, target))),
         lpips=float(jnp.mean(metrics.lpips(lpips_params, generated, target))),
-        iou=float(np.mean([iou(m, t > 0.5) for m, t in zip(masks[1:], true_masks[1:, ..., 0])])),
-        hull_consistency=hull_consistency(masks, render_cameras),
+        iou=float(np.mean([consistency.iou(m, t > 0.5) for m, t in zip(masks[1:], true_masks[1:, ..., 0])])),
+        hull_consistency=float(np.mean(consistency.hull_ious(masks, render_cameras))),
     )
 
 
@@ -144,7 +102,8 @@ def main() -> None:
     summary = {name: {key: float(np.mean([r[key] for r in values])) for key in values[0]}
                for name, values in results.items()}
     # The true orbits' own hull consistency: the ceiling of the metric.
-    truth_hull = float(np.mean([hull_consistency(batch["clip_masks"][0, ..., 0] > 0.5, batch["clip_cameras"][0])
+    truth_hull = float(np.mean([np.mean(consistency.hull_ious(batch["clip_masks"][0, ..., 0] > 0.5,
+                                                              batch["clip_cameras"][0]))
                                 for batch in pipeline.make_iterator(held_out)]))
     report = dict(steps=args.steps, objects=len(rows), train_seconds=round(train_seconds, 1),
                   total_seconds=round(time.perf_counter() - started, 1), truth_hull_consistency=truth_hull,

@@ -1,4 +1,4 @@
-"""Imports go one way through the package's layers: data → rendering → models → diffusion → train → inference.
+"""Imports go one way through the package's layers: data → rendering → models → diffusion → train → inference → curation.
 
 A module may import its own layer and the layers before it, never one after it; the shared
 modules at the top of the package (cameras, configs, visualize, errors, ...) import no layer;
@@ -12,7 +12,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vfusion3d_jax"
-LAYERS = ("data", "rendering", "models", "diffusion", "train", "inference")
+LAYERS = ("data", "rendering", "models", "diffusion", "train", "inference", "curation")
 ENTRY_POINTS = {"__init__", "__main__", "main", "demo"}
 
 

@@ -84,6 +84,10 @@ COMMANDS = {
                         "--checkpoint=DIR --workdir=DIR [--config.inputs.images=...|orbits=...|prompts=...]",
                         flags=("checkpoint", "workdir"), config_file="generate.py", variants=("default", "tiny"),
                         default_variant="default"),
+    "curate": Command("vfusion3d_jax.curation.curate", "curate_command",
+                      "score orbits (LRM re-renders, visual hull, sharpness) into their meta/quality",
+                      "--checkpoint=LRM_DIR --data=GLOB --workdir=DIR", flags=("checkpoint", "data", "workdir"),
+                      config_file="curate.py"),
 }
 # What a command without a default config does instead.
 _NO_DEFAULT_CONFIG = {
@@ -94,11 +98,11 @@ _NO_DEFAULT_CONFIG = {
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file `path.py:variant`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the command.")
 flags.DEFINE_string("checkpoint", None, "`convert`: official weights (.pth/.safetensors); `infer`, `evaluate`: "
-                    "a training run's workdir or a `convert` output; `sample`, `generate`: a multi-view diffusion run's workdir.")
+                    "a training run's workdir or a `convert` output; `sample`, `generate`: a multi-view diffusion run's workdir; `curate`: the LRM that scores.")
 flags.DEFINE_string("inputs", None, "`infer`, `sample`: an image, a folder of images or a glob.")
 flags.DEFINE_string("prompt", None, "`sample`: the caption of every orbit; without --inputs, the orbit's only "
                     "condition.")
-flags.DEFINE_string("data", None, "`evaluate`: orbit TFRecords (a glob; several separated by commas).")
+flags.DEFINE_string("data", None, "`evaluate`, `curate`: orbit TFRecords (a glob; several separated by commas).")
 flags.DEFINE_bool("verbose", False, "On an error, print its traceback as well as the one-line message.")
 
 ERROR_LOG = "error.log"  # in the workdir: the traceback of the error that stopped the command

@@ -160,6 +160,20 @@ def encode_orbit(images: np.ndarray, cam2world: np.ndarray, intrinsics: np.ndarr
     return example.SerializeToString(deterministic=True)
 
 
+def replace_metadata(record: bytes | tf_example_pb2.Example, *, quality: float | None = None,
+                     elevation_deg: float | None = None) -> bytes:
+    """The record with `meta/quality` and/or `meta/elevation_deg` replaced (None = kept); every
+    other feature, including ones this schema does not know, is kept as it was."""
+    parsed = tf_example_pb2.Example()
+    parsed.CopyFrom(parse_example(record))
+    for key, value in (("meta/quality", quality), ("meta/elevation_deg", elevation_deg)):
+        if value is not None:
+            values = parsed.features.feature[key].float_list.value
+            del values[:]
+            values.append(float(value))
+    return parsed.SerializeToString(deterministic=True)
+
+
 def parse_example(record: bytes | tf_example_pb2.Example) -> tf_example_pb2.Example:
     """The `tf.train.Example` of a serialised record (an Example passes through)."""
     if isinstance(record, tf_example_pb2.Example):

@@ -105,13 +105,18 @@ def stable_hash(*parts) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-def write_json_atomically(path: str | os.PathLike, value) -> None:
-    """Writes `value` as JSON under a temporary name, then renames it: readers see all or nothing."""
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` under a temporary name, then renames it: readers see all of it or nothing."""
     path = os.fspath(path)
     temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
     with open(temporary, "w") as file:
-        json.dump(value, file, indent=2, default=str)
+        file.write(text)
     os.replace(temporary, path)
+
+
+def write_json_atomically(path: str | os.PathLike, value) -> None:
+    """`value` as indented JSON, written atomically (`write_text_atomically`)."""
+    write_text_atomically(path, json.dumps(value, indent=2, default=str))
 
 
 def claim_workdir(path: str | os.PathLike, settings: dict, command: str) -> None:

@@ -1,0 +1,1 @@
+"""Curation of synthetic orbits: label-free consistency scores, learned quality, elevation, filtering."""
