@@ -6,7 +6,7 @@ override fields, and so can the command line:
 
     python -m vfusion3d_jax train --config=configs/lrm.py:tiny \
         --config.data.mixture.synthetic.glob='/data/synthetic/train-*.tfrecord' \
-        --config.data.mixture.synthetic.weight=9 --config.data.quality_min=0.5
+        --config.data.mixture.synthetic.weight=9 --config.data.mixture.synthetic.quality_min=0.5
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ def mixture_component(weight: float = 1.0, source: str | None = None) -> ml_coll
         weight=weight,
         # Keep only records whose object/source is this ('rendered' or 'synthetic'); None = any.
         source=config_dict.placeholder(str) if source is None else source,
+        # This dataset's meta/quality threshold (e.g. curated synthetic orbits: `curate`'s score);
+        # None = the pipeline's `quality_min`.
+        quality_min=config_dict.placeholder(float),
     ))
 
 

@@ -159,6 +159,10 @@ def test_quality_filter_and_unknown_quality_choice(tmp_path):
         config = _config(glob, num_epochs=1, drop_remainder=False, quality_min=0.5, keep_unknown_quality=keep_unknown)
         batches = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
         assert sorted(_concat(batches, "record_index")) == expected
+    # A dataset's own threshold wins over the pipeline's.
+    config = _config(glob, num_epochs=1, drop_remainder=False, quality_min=0.0, keep_unknown_quality=False)
+    config.mixture.rendered.quality_min = 0.6
+    assert sorted(_concat(list(pipeline.make_iterator(config, shard_index=0, shard_count=1)), "record_index")) == [0, 6]
     config = _config(glob, num_epochs=1, drop_remainder=False)
     config.mixture.rendered.source = "rendered"  # these records are all synthetic
     with pytest.raises(StopIteration):

@@ -547,8 +547,9 @@ def make_dataset(config: ml_collections.ConfigDict, *, shard_index: int | None =
     read_options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)
     datasets, weights = [], []
     for dataset_index, (name, component) in enumerate(active_datasets(config)):
+        quality_min = component.get("quality_min")
         metadata_filter = MetadataFilter(
-            quality_min=config.quality_min,
+            quality_min=config.quality_min if quality_min is None else quality_min,
             keep_unknown_quality=config.keep_unknown_quality,
             elevation_range_deg=None if config.elevation_range_deg is None else tuple(config.elevation_range_deg),
             source=component.source,
@@ -584,8 +585,8 @@ def held_out_config(data: ml_collections.ConfigDict, glob: str, *, batch_size: i
     changes, repeated so every host runs the same number of batches: an evaluation's input."""
     held_out = ml_collections.ConfigDict(data.to_dict())
     held_out.mixture = ml_collections.ConfigDict(
-        {name: dict(glob=None, weight=0.0, source=None) for name in held_out.mixture})
-    held_out.mixture.rendered = dict(glob=glob, weight=1.0, source=None)
+        {name: dict(glob=None, weight=0.0, source=None, quality_min=None) for name in held_out.mixture})
+    held_out.mixture.rendered = dict(glob=glob, weight=1.0, source=None, quality_min=None)
     held_out.batch_size = batch_size
     held_out.random_hue = False
     held_out.seed = seed
