@@ -2,7 +2,7 @@
 
 Variants (parameter counts of the transformer from
 `vfusion3d_jax.models.wan.count_parameters`, shapes only, nothing allocated):
-    tiny            pixel space, 32 px, 8 frames; trains on a laptop CPU     (2,718,960)
+    tiny            pixel space, 32 px, 8 frames; trains on a laptop CPU     (2,731,248)
     small           Wan 2.1 VAE latents (16 channels), a 768-wide model      (121,645,888)
     wan2_1_1_3b     Wan-AI/Wan2.1-T2V-1.3B-Diffusers                          (1,418,996,800)
     wan2_1_14b      Wan-AI/Wan2.1-T2V-14B-Diffusers                           (14,288,491,584)
@@ -44,7 +44,7 @@ from vfusion3d_jax.train.finetune import finetune_config
 # name: (patch_size, num_attention_heads, attention_head_dim, in_channels, out_channels,
 #        text_dim, freq_dim, ffn_dim, num_layers, image_dim, added_kv_proj_dim)
 _ARCHITECTURES = {
-    "tiny": ((1, 4, 4), 3, 64, 3, 3, 64, 64, 768, 4, None, None),
+    "tiny": ((1, 4, 4), 3, 64, 7, 3, 64, 64, 768, 4, None, None),  # in: RGB + input view + its flag
     "small": ((1, 2, 2), 12, 64, 16, 16, 4096, 256, 3072, 12, None, None),
     "wan2_1_1_3b": ((1, 2, 2), 12, 128, 16, 16, 4096, 256, 8960, 30, None, None),
     "wan2_1_14b": ((1, 2, 2), 40, 128, 16, 16, 4096, 256, 13824, 40, None, None),
@@ -204,6 +204,10 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     # condition is dropped independently during training, for classifier-free guidance.
     config.conditioning = ml_collections.ConfigDict(dict(
         camera=True,
+        # The input view (and a kept-flag channel) beside every frame's channels: a from-scratch
+        # model starts each frame from it (model.in_channels = 2 * out_channels + 1). Off for
+        # the Wan variants, whose pretrained input layer takes the latents alone.
+        input_view_channels=variant == "tiny",
         text_encoder=dict(dim=64, num_layers=2, num_heads=4, max_length=128) if variant == "tiny"
         else config_dict.placeholder(dict),
         image_dropout=0.1,

@@ -95,6 +95,7 @@ def test_camera_embedding_starts_at_zero_so_an_imported_model_is_unchanged():
     config = load_config("mvdiffusion.py:tiny")
     config.model = model_config
     config.conditioning.text_encoder = None
+    config.conditioning.input_view_channels = False  # the imported transformer takes its latents alone
     model = MultiViewDiffusion(config, rngs=nnx.Rngs(0))
     nnx.update(model.transformer, nnx.state(imported))
     reference = np.load(WAN_FIXTURE_DIR / "transformer_t2v.npz")
@@ -109,6 +110,14 @@ def test_camera_embedding_starts_at_zero_so_an_imported_model_is_unchanged():
     # Once trained (a non-zero output layer), the poses do change the prediction.
     model.camera_embedding.fc2.kernel[...] = jax.random.normal(jax.random.key(1), model.camera_embedding.fc2.kernel.shape)
     assert not np.allclose(model(video, sigmas, video[:, 0], poses, text, keep_none), expected, atol=1e-3)
+
+
+def test_input_view_channels_need_the_matching_input_width():
+    config = load_config("mvdiffusion.py:tiny")  # input_view_channels: RGB + the input view + its flag
+    assert config.model.in_channels == 2 * config.model.out_channels + 1
+    config.conditioning.input_view_channels = False
+    with pytest.raises(ValueError, match="takes 3"):
+        MultiViewDiffusion(config, rngs=nnx.Rngs(0))
 
 
 def test_the_kept_input_frame_is_clean_and_not_part_of_the_loss(data_dir):

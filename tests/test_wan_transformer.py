@@ -29,7 +29,7 @@ INPUT_KEYS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hid
 # configs/mvdiffusion.py's documented parameter counts; the released checkpoints' sizes for the
 # published shapes (equal to diffusers' WanTransformer3DModel built with their config.json).
 PARAMETER_COUNTS = {
-    "tiny": 2_718_960,
+    "tiny": 2_731_248,
     "small": 121_645_888,
     "wan2_1_1_3b": 1_418_996_800,
     "wan2_1_14b": 14_288_491_584,

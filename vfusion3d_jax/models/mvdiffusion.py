@@ -12,6 +12,13 @@ of the video alone and a pretrained text-to-video checkpoint needs no new input 
 the image condition (classifier-free guidance) leaves frame 0 noisy like the rest: the model then
 generates the whole orbit from the caption. The camera embedding's output layer starts at zero,
 so an imported model computes exactly what it computed before until training moves it.
+
+A model trained from scratch (`tiny`) may also see the input view beside every frame
+(`conditioning.input_view_channels`): its channels, and a channel that is 1 where the view is
+kept, are concatenated to each frame's (Wan's image-to-video form concatenates a mask and the
+image to the latents the same way, there for frame 0 only), so every frame can start from the
+input view's pixels instead of finding them through attention. Its transformer then takes
+2·C + 1 input channels.
 """
 
 from __future__ import annotations
@@ -110,6 +117,12 @@ class MultiViewDiffusion(nnx.Module):
                                  if conditioning.camera else None)
         self.text_encoder = (ByteTextEncoder(conditioning.text_encoder, config.model.text_dim, rngs=rngs)
                              if conditioning.text_encoder is not None else None)
+        self.input_view_channels = bool(conditioning.get("input_view_channels", False))
+        expected = 2 * config.model.out_channels + 1 if self.input_view_channels else config.model.out_channels
+        if config.model.in_channels != expected:
+            raise ValueError(f"model.in_channels is {config.model.in_channels}, but with out_channels "
+                             f"{config.model.out_channels} and conditioning.input_view_channels="
+                             f"{self.input_view_channels} the transformer takes {expected}")
 
     def encode_text(self, caption_bytes: jax.Array) -> jax.Array:
         if self.text_encoder is None:
@@ -137,6 +150,11 @@ class MultiViewDiffusion(nnx.Module):
         frame_of_token = self._token_frames(frames, grid[0], tokens_per_frame)
         timesteps = frame_timesteps[:, frame_of_token]
         offsets = None if self.camera_embedding is None else self.camera_embedding(relative_pose)[:, frame_of_token]
+        if self.input_view_channels:
+            shown = keep[:, None, None, None, None]
+            view = jnp.where(shown, first_frame[:, None].astype(video.dtype), 0.0)
+            video = jnp.concatenate([video, jnp.broadcast_to(view, video.shape),
+                                     jnp.broadcast_to(shown.astype(video.dtype), video.shape[:-1] + (1,))], axis=-1)
         return self.transformer(video, timesteps, text, temb_offset=offsets)
 
     @staticmethod
