@@ -62,6 +62,13 @@ def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
         # Views rendered per call (memory bound on large renders).
         config.views_per_call = 8
         config.export_mesh = True
+        # Text to 3D (--prompt=TEXT, or a file of captions, one per line): the multi-view diffusion
+        # run that turns each caption into an orbit, whose first frame the LRM reconstructs; the
+        # orbit's elevation and its noise seed.
+        config.diffusion_checkpoint = config_dict.placeholder(str)
+        config.prompts_file = config_dict.placeholder(str)
+        config.prompt_elevation_deg = 20.0
+        config.prompt_seed = 0
     elif variant == "evaluate":
         # The view every orbit is reconstructed from; the others are compared.
         config.source_view = 0

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import trimesh
-from conftest import FIXTURE_DIR
+from conftest import FIXTURE_DIR, run_cli
 from flax import nnx
 from PIL import Image
 
@@ -131,6 +131,27 @@ def test_infer_cli_and_duplicate_names(tmp_path, checkpoint):
     assert "2 reconstructed, 0 skipped" in result.stdout
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"shoe_png", "shoe_webp", infer.SUMMARY_FILE}
     assert media.count_video_frames(tmp_path / "out" / "shoe_png" / "turntable.mp4") == 3
+
+
+def test_cli_text_to_3d_reconstructs_the_generated_view(checkpoint, mvdiffusion_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue box\n\n")
+    out = tmp_path / "out"
+    result = run_cli("infer", f"--checkpoint={checkpoint}", "--prompt=a red torus", f"--workdir={out}",
+                     f"--config.diffusion_checkpoint={mvdiffusion_checkpoint}", f"--config.prompts_file={prompts}",
+                     "--config.render_size=16", "--config.num_frames=3", "--config.preview_views=2",
+                     "--config.export_mesh=False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 reconstructed, 0 skipped" in result.stdout
+    for name in ("a_red_torus", "a_blue_box"):
+        folder = out / name
+        orbit, view = np.asarray(Image.open(folder / "orbit.png")), np.asarray(Image.open(folder / f"{name}.png"))
+        np.testing.assert_array_equal(orbit[:, :view.shape[1]], view)  # the orbit's first frame is the input
+        assert media.count_video_frames(folder / "turntable.mp4") == 3 and (folder / "views.png").exists()
+    summary = json.loads((out / infer.SUMMARY_FILE).read_text())
+    assert [item["name"] for item in summary["processed"]] == ["a_red_torus", "a_blue_box"]
+    without = run_cli("infer", f"--checkpoint={checkpoint}", "--prompt=a red torus", f"--workdir={tmp_path / 'x'}")
+    assert without.returncode != 0 and "diffusion_checkpoint" in without.stderr
 
 
 def test_infer_refuses_an_unconverted_weights_file(tmp_path):

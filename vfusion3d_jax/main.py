@@ -68,8 +68,9 @@ COMMANDS = {
                        "import official VFusion3D weights or a diffusers Wan folder into Orbax", "--checkpoint=WEIGHTS --workdir=DIR",
                        flags=("checkpoint", "workdir"), config_file="lrm.py", variants=_LRM_VARIANTS),
     "infer": Command("vfusion3d_jax.inference.infer", "infer_command",
-                     "images to turntable videos and coloured meshes",
-                     "--checkpoint=DIR --inputs=IMAGE_OR_FOLDER --workdir=DIR", flags=("checkpoint", "inputs", "workdir"),
+                     "images (or captions: text to 3D) to turntable videos and coloured meshes",
+                     "--checkpoint=DIR --inputs=IMAGE_OR_FOLDER|--prompt=TEXT --workdir=DIR",
+                     flags=("checkpoint", "inputs", "prompt", "workdir"),
                      config_file="infer.py", variants=("infer", "evaluate"), default_variant="infer"),
     "evaluate": Command("vfusion3d_jax.inference.evaluate", "evaluate_command",
                         "PSNR / SSIM / LPIPS / Chamfer of a checkpoint on held-out orbits",
@@ -98,10 +99,11 @@ _NO_DEFAULT_CONFIG = {
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file `path.py:variant`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the command.")
 flags.DEFINE_string("checkpoint", None, "`convert`: official weights (.pth/.safetensors); `infer`, `evaluate`: "
-                    "a training run's workdir or a `convert` output; `sample`, `generate`: a multi-view diffusion run's workdir; `curate`: the LRM that scores.")
+                    "a training run's workdir or a `convert` output; `sample`, `generate`: a multi-view diffusion "
+                    "run's workdir; `curate`: the LRM whose reconstructions score the orbits.")
 flags.DEFINE_string("inputs", None, "`infer`, `sample`: an image, a folder of images or a glob.")
-flags.DEFINE_string("prompt", None, "`sample`: the caption of every orbit; without --inputs, the orbit's only "
-                    "condition.")
+flags.DEFINE_string("prompt", None, "`sample`: the caption of every orbit (without --inputs, the orbit's only "
+                    "condition); `infer`: a caption to reconstruct in 3D (with --config.diffusion_checkpoint).")
 flags.DEFINE_string("data", None, "`evaluate`, `curate`: orbit TFRecords (a glob; several separated by commas).")
 flags.DEFINE_bool("verbose", False, "On an error, print its traceback as well as the one-line message.")
 

@@ -1,7 +1,16 @@
-"""The `infer` command: images → 3D assets (turntable video, novel views, coloured mesh).
+"""The `infer` command: images (or captions) → 3D assets (turntable video, novel views, coloured mesh).
 
     python -m vfusion3d_jax infer --checkpoint=RUN_OR_CONVERTED_DIR --inputs=IMAGE_OR_FOLDER \
         --workdir=OUT [--config=configs/infer.py --config.render_size=384 ...]
+    python -m vfusion3d_jax infer --checkpoint=LRM_DIR --prompt="a red torus" \
+        --config.diffusion_checkpoint=MVDIFFUSION_RUN --workdir=OUT          # text to 3D
+
+Text to 3D, as the paper shows it: the multi-view diffusion model generates the caption's orbit
+from the caption alone (`sample`'s text-only path); its first frame is the generated view that
+the LRM reconstructs (already in the training views' framing: resized, not recentred).
+OUT/<the prompt's words>/ also holds `orbit.png` (the generated orbit) and `<the prompt's
+words>.png` (its first frame, the LRM's input). `--prompt` takes one caption,
+`--config.prompts_file` a file of them (one per line).
 
 Per image, under OUT/<image name>/:
     input.png       the model's input (foreground recentred, over white, source size)
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
@@ -29,6 +39,7 @@ from vfusion3d_jax import cameras, visualize
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.inference import media, preprocess
 from vfusion3d_jax.inference.reconstruct import Reconstructor
+from vfusion3d_jax.inference.sample import OrbitSampler, orbit_relative_pose, prompt_folder_name
 from vfusion3d_jax.rendering.mesh import EmptySurfaceError, export_mesh
 
 SUMMARY_FILE = "summary.json"
@@ -62,8 +73,11 @@ def write_outputs(reconstructor: Reconstructor, planes, prepared: preprocess.Pre
 
 
 def infer(checkpoint: str, inputs, workdir: str | Path, config: ml_collections.ConfigDict | None = None,
-          reconstructor: Reconstructor | None = None) -> dict:
-    """Reconstructs every image of `inputs` (a file, folder, glob or list); returns the summary."""
+          reconstructor: Reconstructor | None = None, framed: Sequence[Path] = ()) -> dict:
+    """Reconstructs every image of `inputs` (a file, folder, glob or list); returns the summary.
+
+    `framed`: those of the inputs that are already framed as the training views (generated views):
+    resized only, not recentred (`preprocess.prepare_framed`)."""
     config = config if config is not None else load_config("infer.py")
     workdir = Path(workdir)
     reconstructor = reconstructor or Reconstructor.from_checkpoint(checkpoint, config)
@@ -76,9 +90,10 @@ def infer(checkpoint: str, inputs, workdir: str | Path, config: ml_collections.C
         batch = []
         for path in paths[first:first + config.batch_size]:
             try:
-                batch.append((path, preprocess.prepare_image(
-                    path, reconstructor.source_size, border_ratio=reconstructor.border_ratio,
-                    recenter_object=config.recenter)))
+                batch.append((path, preprocess.prepare_framed(path, reconstructor.source_size) if path in framed
+                              else preprocess.prepare_image(path, reconstructor.source_size,
+                                                            border_ratio=reconstructor.border_ratio,
+                                                            recenter_object=config.recenter)))
             except preprocess.ImageSkipped as error:
                 _skip(summary, path, str(error), bar)
         if not batch:
@@ -101,6 +116,25 @@ def infer(checkpoint: str, inputs, workdir: str | Path, config: ml_collections.C
     return summary
 
 
+def prompt_views(diffusion_checkpoint: str, prompts: list[str], workdir: Path, config: ml_collections.ConfigDict
+                 ) -> list[Path]:
+    """Generates each caption's orbit with the diffusion model and writes, under
+    workdir/<the prompt's words>/, `orbit.png` and `<the prompt's words>.png` (its first frame); returns
+    the first frames' paths, the images that `infer` then reconstructs."""
+    job = load_config("sample.py", batch_size=1, elevation_deg=config.prompt_elevation_deg)
+    job.sample.seed = config.prompt_seed
+    sampler = OrbitSampler.from_checkpoint(diffusion_checkpoint, job)
+    pose = orbit_relative_pose(sampler.num_frames, config.prompt_elevation_deg)
+    blank = np.ones((1, sampler.resolution, sampler.resolution, 3), np.float32)
+    paths = []
+    for prompt in tqdm.tqdm(prompts, desc="text to orbit", unit="prompt"):
+        frames = sampler.sample(blank, np.array([False]), pose, sampler.caption(prompt), config.prompt_seed)[0]
+        name = prompt_folder_name(prompt)
+        media.write_png(visualize.image_grid(frames, columns=len(frames)), workdir / name / "orbit.png")
+        paths.append(Path(media.write_png(frames[0], workdir / name / f"{name}.png")))
+    return paths
+
+
 def _skip(summary: dict, path: Path, reason: str, bar: tqdm.tqdm) -> None:
     logging.warning("skipping %s: %s", path, reason)
     summary["skipped"].append(dict(input=str(path), reason=reason))
@@ -118,10 +152,21 @@ def format_summary(summary: dict, workdir: str | Path) -> str:
 
 
 def infer_command(config: ml_collections.ConfigDict | None, workdir: str | None, args: list[str]) -> None:
-    """CLI `infer`: --checkpoint=DIR --inputs=IMAGE_OR_FOLDER_OR_GLOB --workdir=OUT."""
+    """CLI `infer`: --checkpoint=DIR --inputs=IMAGE_OR_FOLDER_OR_GLOB and/or --prompt=TEXT --workdir=OUT."""
+    config = config if config is not None else load_config("infer.py")
     checkpoint, inputs = flags.FLAGS.checkpoint, flags.FLAGS.inputs or (args[0] if len(args) == 1 else None)
-    if not checkpoint or not inputs or not workdir:
+    prompts = [flags.FLAGS.prompt] if flags.FLAGS.prompt else []
+    if config.get("prompts_file"):
+        prompts += [line.strip() for line in Path(config.prompts_file).read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+    if not checkpoint or not (inputs or prompts) or not workdir:
         raise app.UsageError("infer needs --checkpoint=DIR (a training run or a `convert` output), "
-                             "--inputs=IMAGE_OR_FOLDER and --workdir=OUT")
-    summary = infer(checkpoint, inputs, workdir, config)
+                             "--inputs=IMAGE_OR_FOLDER and/or --prompt=TEXT, and --workdir=OUT")
+    if prompts:
+        if not config.get("diffusion_checkpoint"):
+            raise app.UsageError("text to 3D needs --config.diffusion_checkpoint=DIR (a `train "
+                                 "--config=configs/mvdiffusion.py` run) to turn the captions into views")
+        generated = prompt_views(config.diffusion_checkpoint, prompts, Path(workdir), config)
+        inputs = ([] if inputs is None else preprocess.find_images(inputs)) + generated
+    summary = infer(checkpoint, inputs, workdir, config, framed=set(generated))
     print(format_summary(summary, workdir))

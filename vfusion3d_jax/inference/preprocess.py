@@ -261,6 +261,16 @@ def prepare_image(
     )
 
 
+def prepare_framed(source: str | os.PathLike | np.ndarray, size: int) -> PreparedImage:
+    """The model input for an image already framed as the training views, over white (a frame that
+    a model trained on those views generated): resized only, no background removal or recentring,
+    so an empty frame is kept, not skipped."""
+    rgba = _array_to_rgba(source) if isinstance(source, np.ndarray) else load_rgba(source)[0]
+    rgba[..., 3] = 255
+    return PreparedImage(image=_composite_resize(rgba, size), rgba=rgba, had_alpha=False,
+                         original_size=(int(rgba.shape[0]), int(rgba.shape[1])))
+
+
 def _check_size(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise ImageSkipped(f"image is {width}x{height}, over the {MAX_PIXELS // 1_000_000} MP limit")
