@@ -75,38 +75,54 @@ def _with_bias(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x, np.ones((len(x), 1))], axis=1)
 
 
-class ElevationEstimator:
-    """Ridge regression from image features to the orbit's elevation in degrees."""
+def _penalty(width: int, l2: float) -> np.ndarray:
+    """The L2 penalty of a design with a bias column last: the bias is not shrunk."""
+    penalty = l2 * np.eye(width)
+    penalty[-1, -1] = 0.0
+    return penalty
+
+
+class _LinearModel:
+    """Weights on standardised features plus a bias, saved as `.npz` with its kind."""
+
+    KIND = ""
 
     def __init__(self, standardiser: _Standardiser, weights: np.ndarray):
         self.standardiser, self.weights = standardiser, weights
+
+    def _linear(self, features: np.ndarray) -> np.ndarray:
+        return _with_bias(self.standardiser(features)) @ self.weights
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, kind=self.KIND, mean=self.standardiser.mean, scale=self.standardiser.scale,
+                 weights=self.weights)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        data = _load(path, cls.KIND)
+        return cls(_Standardiser(data["mean"], data["scale"]), data["weights"])
+
+
+class ElevationEstimator(_LinearModel):
+    """Ridge regression from image features to the orbit's elevation in degrees."""
+
+    KIND = "elevation"
 
     @classmethod
     def fit(cls, features: np.ndarray, elevations: np.ndarray, l2: float = 10.0) -> ElevationEstimator:
         standardiser = _Standardiser.fit(features)
         x = _with_bias(standardiser(features))
-        penalty = l2 * np.eye(x.shape[1])
-        penalty[-1, -1] = 0.0  # the bias is not shrunk
-        return cls(standardiser, np.linalg.solve(x.T @ x + penalty, x.T @ np.asarray(elevations, np.float64)))
+        return cls(standardiser, np.linalg.solve(x.T @ x + _penalty(x.shape[1], l2),
+                                                 x.T @ np.asarray(elevations, np.float64)))
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        return _with_bias(self.standardiser(features)) @ self.weights
-
-    def save(self, path: str | Path) -> None:
-        np.savez(path, kind="elevation", mean=self.standardiser.mean, scale=self.standardiser.scale,
-                 weights=self.weights)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ElevationEstimator:
-        data = _load(path, "elevation")
-        return cls(_Standardiser(data["mean"], data["scale"]), data["weights"])
+        return self._linear(features)
 
 
-class QualityClassifier:
+class QualityClassifier(_LinearModel):
     """L2-regularised logistic regression from image features to P(good)."""
 
-    def __init__(self, standardiser: _Standardiser, weights: np.ndarray):
-        self.standardiser, self.weights = standardiser, weights
+    KIND = "quality"
 
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray, l2: float = 10.0, iterations: int = 25
@@ -116,8 +132,7 @@ class QualityClassifier:
             raise errors.InvalidConfigValueError("the quality classifier needs good and bad examples, got one kind")
         standardiser = _Standardiser.fit(features)
         x = _with_bias(standardiser(features))
-        penalty = l2 * np.eye(x.shape[1])
-        penalty[-1, -1] = 0.0
+        penalty = _penalty(x.shape[1], l2)
         weights = np.zeros(x.shape[1])
         for _ in range(iterations):  # Newton's method: the loss is convex
             p = 1.0 / (1.0 + np.exp(-(x @ weights)))
@@ -128,16 +143,7 @@ class QualityClassifier:
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """P(good) per row."""
-        return 1.0 / (1.0 + np.exp(-(_with_bias(self.standardiser(features)) @ self.weights)))
-
-    def save(self, path: str | Path) -> None:
-        np.savez(path, kind="quality", mean=self.standardiser.mean, scale=self.standardiser.scale,
-                 weights=self.weights)
-
-    @classmethod
-    def load(cls, path: str | Path) -> QualityClassifier:
-        data = _load(path, "quality")
-        return cls(_Standardiser(data["mean"], data["scale"]), data["weights"])
+        return 1.0 / (1.0 + np.exp(-self._linear(features)))
 
 
 def _load(path: str | Path, kind: str) -> dict:
