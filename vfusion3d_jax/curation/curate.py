@@ -57,6 +57,9 @@ SHEET_FILE = "sheet.png"
 SETTINGS_FILE = "curate_config.json"
 SOURCES = ("synthetic", "rendered", "all")
 SHEET_VIEWS = 8  # views per sheet row
+# A classifier bootstrapped from the scores learns from the first this many scored orbits (their
+# features are kept in memory until the scores are known).
+MAX_BOOTSTRAP_ORBITS = 20_000
 
 
 def _scores_path(path: Path) -> Path:
@@ -102,7 +105,8 @@ class _Learned:
         """Adds p_good / elevation_estimate to the score rows, keeping the features for a bootstrap."""
         features = self.features.of_orbits(orbits)
         for orbit, row, feature in zip(orbits, rows, features):
-            self.scored_features[orbit["object_id"]] = feature
+            if len(self.scored_features) < MAX_BOOTSTRAP_ORBITS:
+                self.scored_features[orbit["object_id"]] = feature
             if self.classifier is not None:
                 row["p_good"] = float(self.classifier(feature[None])[0])
             if self.elevation is not None:

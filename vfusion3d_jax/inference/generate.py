@@ -233,8 +233,8 @@ def write_shard(path: Path, jobs: list[Job], sampler: OrbitSampler, config: ml_c
                                                                 sampler.num_frames, config)[0]) for item in batch])
             captions = np.stack([sampler.caption(item.job.condition.caption) for item in batch])
             orbits = sampler.sample(images, keep_image, poses, captions, np.asarray(seeds, np.uint32))
-            for item, frames, orbit_seed_ in zip(batch, orbits, seeds):
-                writer.write(encode_generated(item, frames, config, generation, orbit_seed_))
+            for item, frames, noise_seed in zip(batch, orbits, seeds):
+                writer.write(encode_generated(item, frames, config, generation, noise_seed))
                 written.append(item.job.object_id)
             bar.update(len(batch))
             batch.clear()
