@@ -162,6 +162,7 @@ def infer_command(config: ml_collections.ConfigDict | None, workdir: str | None,
     if not checkpoint or not (inputs or prompts) or not workdir:
         raise app.UsageError("infer needs --checkpoint=DIR (a training run or a `convert` output), "
                              "--inputs=IMAGE_OR_FOLDER and/or --prompt=TEXT, and --workdir=OUT")
+    generated = []
     if prompts:
         if not config.get("diffusion_checkpoint"):
             raise app.UsageError("text to 3D needs --config.diffusion_checkpoint=DIR (a `train "
