@@ -221,6 +221,14 @@ def test_the_ema_is_checkpointed_resumed_exactly_and_is_what_readers_load(data_d
     for part in ("model_state", "ema_state"):
         jax.tree.map(np.testing.assert_array_equal, *(jax.device_get(nnx.to_pure_dict(getattr(state, part)))
                                                       for state in (whole, resumed)))
+    # A run that starts keeping an EMA on resume starts it from the restored parameters.
+    trainer.train_and_evaluate(small_config(data_dir, train__stages__main__num_steps=4, train__checkpoint_every=2,
+                                            train__stop_after=2, train__ema_decay=0.0), str(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "checkpoints" / "2" / "ema").exists()
+    later = trainer.train_and_evaluate(config, str(tmp_path / "plain"))
+    assert (tmp_path / "plain" / "checkpoints" / "4" / "ema").is_dir()
+    ema, params = (_flat(jax.device_get(nnx.to_pure_dict(part))) for part in (later.ema_state, later.model_state))
+    assert set(ema) == set(params) and all(np.all(np.isfinite(value)) for value in ema.values())
     # Sampling (and anything else that loads the model) reads the average, not the last parameters.
     model, _, step = sample.load_orbit_model(tmp_path / "whole")
     assert step == 4

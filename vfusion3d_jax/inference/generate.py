@@ -71,7 +71,7 @@ class Condition:
     name: str  # unique per kind: the image's output name, the orbit's object id, prompt-<line>
     location: str  # the image file; the TFRecord and record number; the prompts file and line
     caption: str = ""
-    record: tuple[str, int] | None = None  # orbit: (TFRecord path, record number)
+    record: tuple[str, int, int] | None = None  # orbit: (TFRecord path, byte offset, length) of its record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +100,10 @@ def list_conditions(config: ml_collections.ConfigDict) -> tuple[list[Condition],
     if config.inputs.orbits:
         for path in sorted(pipeline.expand_paths(config.inputs.orbits)):
             try:
-                for number, record in enumerate(tfrecord.iterate_records(path)):
-                    metadata = example.read_metadata(record)
+                for number, (offset, length) in enumerate(tfrecord.read_index(path).tolist()):
+                    metadata = example.read_metadata(tfrecord.read_record(path, offset, length))
                     conditions.append(Condition("orbit", metadata.object_id, f"{path}#{number}",
-                                                caption=metadata.caption, record=(path, number)))
+                                                caption=metadata.caption, record=(path, offset, length)))
             except (tfrecord.CorruptRecordError, example.OrbitSchemaError) as error:
                 skipped.append(dict(input=path, reason=f"{type(error).__name__}: {error} (later records skipped)"))
     if config.inputs.prompts:
@@ -144,36 +144,40 @@ def own_shards(count: int, process_index: int, process_count: int) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedInput:
-    """What the sampler needs of one job, and the cameras its record gets."""
+    """What the sampler needs of one job, and the cameras its record gets (computed once: the
+    model is conditioned on these very cameras' poses)."""
 
     job: Job
     image: np.ndarray | None  # (H, W, 3) in [0, 1]; None for a prompt
-    azimuth_deg: float
     elevation_deg: float
+    cam2world: np.ndarray  # (F, 4, 4)
+    intrinsics: np.ndarray  # (F, 3, 3)
 
 
-def prepare_input(job: Job, config: ml_collections.ConfigDict, resolution: int) -> PreparedInput:
-    """The job's input view at the model's resolution and the orbit's starting angles; raises
-    InputSkipped with the reason for an input that cannot be used."""
+def prepare_input(job: Job, config: ml_collections.ConfigDict, resolution: int, num_frames: int) -> PreparedInput:
+    """The job's input view at the model's resolution and its orbit's cameras; raises InputSkipped
+    with the reason for an input that cannot be used."""
     condition = job.condition
+
+    def prepared(image: np.ndarray | None, azimuth_deg: float, elevation_deg: float) -> PreparedInput:
+        return PreparedInput(job, image, elevation_deg, *orbit_cameras(azimuth_deg, elevation_deg, num_frames, config))
+
     if condition.kind == "prompt":
-        return PreparedInput(job, None, 0.0, float(config.elevation_deg))
+        return prepared(None, 0.0, float(config.elevation_deg))
     if condition.kind == "image":
         try:
-            prepared = preprocess.prepare_image(condition.location, resolution, border_ratio=config.border_ratio,
-                                                recenter_object=config.recenter)
+            image = preprocess.prepare_image(condition.location, resolution, border_ratio=config.border_ratio,
+                                             recenter_object=config.recenter).image
         except preprocess.ImageSkipped as error:
             raise InputSkipped(str(error)) from None
-        return PreparedInput(job, prepared.image, 0.0, float(config.elevation_deg))
-    path, number = condition.record
-    offset, length = tfrecord.read_index(path)[number]
+        return prepared(image, 0.0, float(config.elevation_deg))
+    path, offset, length = condition.record
     try:
-        orbit = example.decode_orbit(tfrecord.read_record(path, int(offset), int(length)),
-                                     views=[config.inputs.orbit_view])
+        orbit = example.decode_orbit(tfrecord.read_record(path, offset, length), views=[config.inputs.orbit_view])
     except (tfrecord.CorruptRecordError, example.OrbitSchemaError, IndexError) as error:
         raise InputSkipped(f"{type(error).__name__}: {error}") from None
     image, _ = pipeline.composite_on_white(pipeline.resize_rgba(orbit["images"][0], resolution))
-    return PreparedInput(job, image, float(orbit["azimuth_deg"][0]), float(orbit["elevation_deg"]))
+    return prepared(image, float(orbit["azimuth_deg"][0]), float(orbit["elevation_deg"]))
 
 
 def orbit_cameras(azimuth_deg: float, elevation_deg: float, num_frames: int, config: ml_collections.ConfigDict
@@ -199,16 +203,14 @@ def orbit_seed(seed: int, object_id: str) -> int:
     return storage.stable_hash(seed, "generate", object_id) % 2**32
 
 
-def encode_generated(prepared: PreparedInput, frames: np.ndarray, config: ml_collections.ConfigDict,
-                     generation: dict, seed: int) -> bytes:
+def encode_generated(prepared: PreparedInput, frames: np.ndarray, generation: dict, seed: int) -> bytes:
     """The orbit record of generated frames (F, H, W, 3) in [0, 1]."""
-    cam2world, intrinsics = orbit_cameras(prepared.azimuth_deg, prepared.elevation_deg, len(frames), config)
     rgb = np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
     rgba = np.concatenate([rgb, estimated_alpha(frames)[..., None]], axis=-1)
     condition = prepared.job.condition
     record_generation = dict(generation, seed=seed, copy=prepared.job.copy,
                              condition=dict(kind=condition.kind, id=condition.name, location=condition.location))
-    return example.encode_orbit(rgba, cam2world, intrinsics, object_id=prepared.job.object_id, source="synthetic",
+    return example.encode_orbit(rgba, prepared.cam2world, prepared.intrinsics, object_id=prepared.job.object_id, source="synthetic",
                                 elevation_deg=prepared.elevation_deg, caption=condition.caption,
                                 generation=record_generation)
 
@@ -229,19 +231,18 @@ def write_shard(path: Path, jobs: list[Job], sampler: OrbitSampler, config: ml_c
             blank = np.ones((sampler.resolution, sampler.resolution, 3), np.float32)
             images = np.stack([blank if item.image is None else item.image for item in batch])
             keep_image = np.array([item.image is not None for item in batch])
-            poses = np.stack([clips.relative_pose(orbit_cameras(item.azimuth_deg, item.elevation_deg,
-                                                                sampler.num_frames, config)[0]) for item in batch])
+            poses = np.stack([clips.relative_pose(item.cam2world) for item in batch])
             captions = np.stack([sampler.caption(item.job.condition.caption) for item in batch])
             orbits = sampler.sample(images, keep_image, poses, captions, np.asarray(seeds, np.uint32))
             for item, frames, noise_seed in zip(batch, orbits, seeds):
-                writer.write(encode_generated(item, frames, config, generation, noise_seed))
+                writer.write(encode_generated(item, frames, generation, noise_seed))
                 written.append(item.job.object_id)
             bar.update(len(batch))
             batch.clear()
 
         for job in jobs:
             try:
-                batch.append(prepare_input(job, config, sampler.resolution))
+                batch.append(prepare_input(job, config, sampler.resolution, sampler.num_frames))
             except InputSkipped as error:
                 logging.warning("skipping %s: %s", job.condition.location, error)
                 skipped.append(dict(input=job.condition.location, object_id=job.object_id, reason=str(error)))

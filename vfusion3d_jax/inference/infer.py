@@ -121,9 +121,7 @@ def prompt_views(diffusion_checkpoint: str, prompts: list[str], workdir: Path, c
     """Generates each caption's orbit with the diffusion model and writes, under
     workdir/<the prompt's words>/, `orbit.png` and `<the prompt's words>.png` (its first frame); returns
     the first frames' paths, the images that `infer` then reconstructs."""
-    job = load_config("sample.py", batch_size=1, elevation_deg=config.prompt_elevation_deg)
-    job.sample.seed = config.prompt_seed
-    sampler = OrbitSampler.from_checkpoint(diffusion_checkpoint, job)
+    sampler = OrbitSampler.from_checkpoint(diffusion_checkpoint, load_config("sample.py", batch_size=1))
     pose = orbit_relative_pose(sampler.num_frames, config.prompt_elevation_deg)
     blank = np.ones((1, sampler.resolution, sampler.resolution, 3), np.float32)
     paths = []

@@ -28,7 +28,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from flax import nnx, traverse_util
+from flax import nnx
 
 from vfusion3d_jax import errors
 from vfusion3d_jax.models import convert
@@ -119,12 +119,11 @@ class Checkpointer:
                 model_shardings: nnx.State, optimizer_shardings: nnx.State, *,
                 data_iterator: grain.DatasetIterator | None, ema_state: nnx.State | None = None,
                 ema_shardings: nnx.State | None = None) -> tuple[nnx.State, nnx.State, nnx.State | None]:
-        """Restores the model, optimiser and (when `ema_state` is given) EMA states of `step`, and moves
-        `data_iterator` to its position.
+        """Restores the model, optimiser and (when `ema_state` is given and the checkpoint has one,
+        else None) EMA states of `step`, and moves `data_iterator` to its position.
 
         The states may be abstract (from `nnx.eval_shape`); the arrays come back with the given
-        shardings, read shard by shard. A run that starts keeping an EMA on resume starts it from
-        the restored parameters.
+        shardings, read shard by shard.
         """
         states = dict(model=(model_state, model_shardings), optimizer=(optimizer_state, optimizer_shardings))
         has_ema = ema_state is not None and (self.directory / str(step) / "ema").exists()
@@ -135,9 +134,6 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         filled = {name: _filled(state, restored[name]) for name, (state, _) in states.items()}
-        if ema_state is not None and not has_ema:
-            logging.warning("checkpoint of step %d has no EMA: starting it from the parameters", step)
-            filled["ema"] = jax.tree.map(jnp.copy, _filled(ema_state, _subtree(restored["model"], ema_state)))
         logging.info("restored checkpoint of step %d from %s", step, self.directory)
         return filled["model"], filled["optimizer"], filled.get("ema")
 
@@ -155,13 +151,6 @@ def _filled(state: nnx.State, pure: dict) -> nnx.State:
     state = jax.tree.map(lambda x: x, state)
     nnx.replace_by_pure_dict(state, pure)
     return state
-
-
-def _subtree(pure: dict, like: nnx.State) -> dict:
-    """The leaves of the nested dict `pure` at the paths of `like` (a state with a subset of its paths)."""
-    wanted = {tuple(map(str, path)) for path in traverse_util.flatten_dict(nnx.to_pure_dict(like))}
-    return traverse_util.unflatten_dict({path: leaf for path, leaf in traverse_util.flatten_dict(pure).items()
-                                         if tuple(map(str, path)) in wanted})
 
 
 def restore_model(directory: str, model_state: nnx.State, model_shardings: nnx.State,

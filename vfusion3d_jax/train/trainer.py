@@ -210,7 +210,8 @@ def initialize_train_state(create, abstract: TrainState) -> TrainState:
 
 def start_ema(state: TrainState) -> TrainState:
     """The state with its EMA (if it keeps one) set to a copy of the current trainable parameters:
-    at init, and again once `init_checkpoint` has put in the pretrained ones."""
+    at init, once `init_checkpoint` has put in the pretrained ones, and on resuming a checkpoint
+    saved without an EMA."""
     if state.ema_state is None:
         return state
     params = nnx.filter_state(state.model_state, state.trainable)
@@ -460,10 +461,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             # The saved iterator belongs to the stage of the last step trained; past a stage
             # boundary the new stage starts from a fresh iterator instead.
             same_stage = progress.get("data_stage") == stage.index
-            state.model_state, state.optimizer_state, state.ema_state = checkpointer.restore(
+            state.model_state, state.optimizer_state, ema_state = checkpointer.restore(
                 start_step, state.model_state, state.optimizer_state, state.model_shardings,
                 state.optimizer_shardings, data_iterator=iterator if same_stage else None,
                 ema_state=state.ema_state, ema_shardings=state.ema_shardings)
+            if ema_state is None and state.ema_state is not None:
+                logging.warning("checkpoint of step %d has no EMA: starting it from the parameters", start_step)
+                state = start_ema(state)
+            else:
+                state.ema_state = ema_state
             logging.info("resumed at step %d (stage %s)", start_step, stage.name)
         else:
             state = initialize_train_state(create, state)
