@@ -121,19 +121,23 @@ def test_resume_from_state_gives_the_same_batches(tmp_path, rendered):
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def test_hosts_get_disjoint_complete_shards_of_the_single_host_stream(rendered):
+def test_hosts_together_read_the_single_host_batches_once_each(rendered):
     glob, orbits = rendered
-    config = _config(glob, num_epochs=1, drop_remainder=False, batch_size=3)
+    batch_size, hosts = 6, 3
+    config = _config(glob, num_epochs=1, batch_size=batch_size)
     single = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
-    by_record = {int(r): v for r, v in zip(_concat(single, "record_index"), _concat(single, "target_view_indices"))}
-    seen = []
-    for host in range(3):
-        batches = list(pipeline.make_iterator(config, shard_index=host, shard_count=3))
-        assert all(len(batch["record_index"]) == 1 for batch in batches)  # batch_size is global
-        for record, views in zip(_concat(batches, "record_index"), _concat(batches, "target_view_indices")):
-            np.testing.assert_array_equal(views, by_record[int(record)])  # same views whatever the host count
-            seen.append(int(record))
-    assert sorted(seen) == list(range(len(orbits)))
+    shares = [list(pipeline.make_iterator(config, shard_index=host, shard_count=hosts)) for host in range(hosts)]
+    # Every host runs the same steps on batch_size // hosts examples; side by side, a host's batches
+    # are block `host` of one host's batch: the very same examples, views and crops.
+    assert [len(batches) for batches in shares] == [len(orbits) // batch_size] * hosts
+    for step, batches in enumerate(zip(*shares)):
+        assert all(len(batch["record_index"]) == batch_size // hosts for batch in batches)
+        for key in single[step]:
+            np.testing.assert_array_equal(np.concatenate([batch[key] for batch in batches]), single[step][key],
+                                          err_msg=key)
+    seen = np.concatenate([_concat(batches, "record_index") for batches in shares])
+    assert len(set(seen.tolist())) == len(seen)  # no record twice in the epoch; none but the last partial batch left out
+    assert len(orbits) - len(seen) == len(orbits) % batch_size
 
 
 def test_mixture_weights_hold_after_filtering(tmp_path, rendered):

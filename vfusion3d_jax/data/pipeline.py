@@ -7,7 +7,9 @@ Per dataset of the mixture (a `MapDataset`: random access, lazy, nothing is read
       → map_with_index(TrainingExamples)   metadata filters (rejects → None), the seeded choice
                                             of views, render size and crops (or of a clip's
                                             frames), decoding of only the chosen PNGs
-      → [shard_index::shard_count]          this host's share of the global order
+      → HostShare                           this host's share of the global order: block p
+                                            of every global batch (of its b = batch_size /
+                                            shard_count examples)
       → to_iter_dataset                     reading threads; drops the filtered-out Nones
 
 then over the datasets (an `IterDataset`):
@@ -15,8 +17,12 @@ then over the datasets (an `IterDataset`):
     mix(weights) → drop and count corrupt records → batch → mp_prefetch(worker_count)
 
 Why this order:
-* Every random choice before the host slice is a function of (seed, dataset, record, epoch),
-  so all hosts together see exactly the examples one host would, whatever the host count.
+* Every random choice before the host share is a function of (seed, dataset, record, epoch),
+  so all hosts together see exactly the examples one host would, whatever the host count:
+  each example once per epoch, on one host. Host p takes elements [tB + pb, tB + (p+1)b) of
+  the global order for its batch t, so with one dataset (and nothing filtered or skipped, one
+  reading process per host) the hosts' batches t put side by side are one host's batch t: a
+  run on P hosts trains on the very batches of a run on one.
 * Mixing comes after the filters, so the weights hold for the examples actually trained on.
 * A random-access source must return something for every index: with `skip_corrupt`, a
   corrupt record becomes a `SkippedRecord` marker, which the counting stage drops, adding the
@@ -527,11 +533,42 @@ def _stable_key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
+class HostShare(grain.MapDataset):
+    """Host `shard_index`'s share of a dataset read `block` elements per host per global batch:
+    its element j is element (j // block) * block * shard_count + shard_index * block + j % block.
+
+    Every element belongs to exactly one host. On several hosts a final partial global batch is
+    left out (every host must run the same number of steps on equal shapes).
+    """
+
+    def __init__(self, parent: grain.MapDataset, *, block: int, shard_index: int, shard_count: int):
+        super().__init__(parent)
+        self._block, self._shard_index, self._shard_count = block, shard_index, shard_count
+        span = block * shard_count
+        self._length = len(parent) if shard_count == 1 else (len(parent) // span) * block
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        batch, offset = divmod(index, self._block)
+        return (batch * self._shard_count + self._shard_index) * self._block + offset
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"HostShare(block={self._block}, host {self._shard_index} of {self._shard_count})"
+
+
 def orbit_dataset(source: OrbitSource, transform: TrainingExamples, *, shuffle_seed: int,
-                  num_epochs: int | None, shard_index: int, shard_count: int) -> grain.MapDataset:
-    """One dataset's examples for one host: shuffled, repeated, transformed, then sliced."""
+                  num_epochs: int | None, host_batch: int, shard_index: int, shard_count: int) -> grain.MapDataset:
+    """One dataset's examples for one host: shuffled, repeated, transformed, then its share taken."""
     dataset = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(num_epochs)
-    return dataset.map_with_index(transform)[shard_index::shard_count]
+    return HostShare(dataset.map_with_index(transform), block=host_batch, shard_index=shard_index,
+                     shard_count=shard_count)
 
 
 def make_dataset(config: ml_collections.ConfigDict, *, shard_index: int | None = None,
@@ -564,7 +601,8 @@ def make_dataset(config: ml_collections.ConfigDict, *, shard_index: int | None =
                                      dataset_index=dataset_index, records_per_epoch=len(source))
         shuffle_seed = int(np.random.SeedSequence([config.seed, _stable_key(name)]).generate_state(1)[0])
         dataset = orbit_dataset(source, transform, shuffle_seed=shuffle_seed, num_epochs=config.num_epochs,
-                                shard_index=shard_index, shard_count=shard_count)
+                                host_batch=config.batch_size // shard_count, shard_index=shard_index,
+                                shard_count=shard_count)
         datasets.append(dataset.to_iter_dataset(read_options))
         weights.append(float(component.weight))
     stream = datasets[0] if len(datasets) == 1 else grain.IterDataset.mix(datasets, weights)
