@@ -14,11 +14,18 @@ it is on disk. Orbax writes to a temporary directory and renames it when
 complete, so a run killed at any moment leaves only whole checkpoints and
 resumes from the newest one. Before writing, every array is checked: a state
 with a NaN or infinity raises `NonFiniteStateError` and nothing is written.
+
+Preemption: SIGTERM (what a preempted TPU VM or a SLURM job at its time limit receives)
+makes `reached_preemption` true at the next step, on every process at the same step; the
+trainer then saves and exits. Across processes JAX's preemption sync manager (part of
+`jax.distributed`) catches the signal and agrees on the step; a lone process catches it here.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from typing import Any
 
 import grain
@@ -68,6 +75,15 @@ class Checkpointer:
             enable_async_checkpointing=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._terminated = threading.Event()
+        self._catches_sigterm = (not jax.distributed.is_initialized()
+                                 and threading.current_thread() is threading.main_thread())
+        if self._catches_sigterm:
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        logging.warning("SIGTERM: saving at the end of this step, then stopping")
+        self._terminated.set()
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -80,8 +96,8 @@ class Checkpointer:
         return self._manager.should_save(step)
 
     def reached_preemption(self, step: int) -> bool:
-        """True on every host once a preemption notice has reached all of them (a sync point)."""
-        return self._manager.reached_preemption(step)
+        """True once SIGTERM has arrived: on every process at the same step (a sync point)."""
+        return self._terminated.is_set() or self._manager.reached_preemption(step)
 
     def save(self, step: int, model_state: nnx.State, optimizer_state: nnx.State, *,
              data_iterator: grain.DatasetIterator | None, progress: dict[str, Any], force: bool = False,
@@ -144,6 +160,9 @@ class Checkpointer:
         """Waits for any save in flight, then releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+        if self._catches_sigterm:
+            signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+            self._catches_sigterm = False
 
 
 def _filled(state: nnx.State, pure: dict) -> nnx.State:

@@ -433,7 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     rules = sharding.logical_rules(config.mesh.logical_rules)
     stages = make_stages(config)
     num_steps = stages[-1].end_step
-    for name, batch_size in (("data", config.data.batch_size), ("eval", config.eval.batch_size)):
+    batch_sizes = [("data", config.data.batch_size)] + ([("eval", config.eval.batch_size)] if config.eval.every else [])
+    for name, batch_size in batch_sizes:
         if batch_size % sharding.data_parallel_size(mesh, rules):
             raise ValueError(f"config.{name}.batch_size {batch_size} is not divisible by the data parallelism "
                              f"({sharding.data_parallel_size(mesh, rules)}) of mesh {dict(mesh.shape)}")
