@@ -29,9 +29,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vfusion3d_jax.partitioning import constrain
+
 LOGICAL_AXES = ("layers", "embed", "mlp", "heads", "cond", "tokens", "channels")
 LAYER_AXIS = "layers"
 LAYER_NORM_EPS = 1e-6
+# A token stream (N, T, D) split by example over the mesh's batch axes (`scan_layers`' stream_axes).
+BATCH_TOKENS = ("act_batch", None, None)
 _EMBED_METADATA = {"out_sharding": ("embed",), "eager_sharding": False}
 
 # Rematerialisation per scanned layer, by name ("none" keeps every activation).
@@ -141,21 +145,27 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
 
 
 def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable[[nnx.Module, jax.Array], jax.Array], *,
-                remat: str = "none", return_layer_outputs: bool = False
-                ) -> tuple[jax.Array, jax.Array | None]:
+                remat: str = "none", return_layer_outputs: bool = False,
+                stream_axes: tuple[str | None, ...] | None = None) -> tuple[jax.Array, jax.Array | None]:
     """Runs `x = apply(layer, x)` through a stack made by `stack_layers`, as one `lax.scan`.
 
     One traced layer keeps compile time flat in depth. `remat` names a rematerialisation
-    policy of `REMAT_POLICIES`, applied per layer. Returns the output and, if asked, every
-    layer's output stacked (layers, *x.shape).
+    policy of `REMAT_POLICIES`, applied per layer. `stream_axes` (e.g. `BATCH_TOKENS`) places
+    the carried stream, before and after every layer: a stream that starts as a parameter
+    broadcast over the batch (the LRM's triplane tokens) is otherwise computed whole, every
+    example on every device. Returns the output and, if asked, every layer's output stacked
+    (layers, *x.shape).
     """
 
+    def place(stream: jax.Array) -> jax.Array:
+        return stream if stream_axes is None else constrain(stream, stream_axes)
+
     def body(carry: jax.Array, layer: nnx.Module) -> tuple[jax.Array, jax.Array | None]:
-        carry = apply(layer, carry)
+        carry = place(apply(layer, carry))
         return carry, carry if return_layer_outputs else None
 
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(REMAT_POLICIES)}")
     if remat != "none":
         body = nnx.remat(body, policy=REMAT_POLICIES[remat])
-    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, layers)
+    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(place(x), layers)

@@ -200,7 +200,8 @@ class TriplaneTransformer(nnx.Module):
             x = x + token_offsets.astype(self.dtype)
         context, cond = image_features.astype(self.dtype), cond.astype(self.dtype)
         x, layer_outputs = layers.scan_layers(self.blocks, x, lambda block, h: block(h, context, cond),
-                                              remat=self.remat, return_layer_outputs=return_layer_outputs)
+                                              remat=self.remat, return_layer_outputs=return_layer_outputs,
+                                              stream_axes=layers.BATCH_TOKENS)
         x = self.norm(x)
         return (x, layer_outputs) if return_layer_outputs else x
 

@@ -190,6 +190,7 @@ class VisionTransformer(nnx.Module):
         """
         tokens = self.embed(normalize_images(images), patch_mask)
         tokens, layer_outputs = layers.scan_layers(self.blocks, tokens, lambda block, x: block(x), remat=self.remat,
-                                                   return_layer_outputs=return_layer_outputs)
+                                                   return_layer_outputs=return_layer_outputs,
+                                                   stream_axes=layers.BATCH_TOKENS)
         features = self.norm(tokens)
         return (features, layer_outputs) if return_layer_outputs else features
