@@ -99,8 +99,9 @@ COMPILED_HEADER = ("| date | machine | command | variant | mesh | clip B × F ×
 
 
 def bench_config(variant: str, batch: int | None, frames: int | None, resolution: int | None,
-                 num_layers: int | None = None) -> ml_collections.ConfigDict:
-    overrides = {}
+                 num_layers: int | None = None, mesh: dict[str, int] | None = None) -> ml_collections.ConfigDict:
+    """The variant's config with the given overrides (None = the config's); `mesh` = mesh axis sizes."""
+    overrides = {f"mesh__shape__{axis}": size for axis, size in (mesh or {}).items()}
     if batch is not None:
         overrides["data__batch_size"] = batch
     if frames is not None:
@@ -236,9 +237,10 @@ def abstract_inputs(state: trainer.TrainState, shapes: dict, mesh, rules) -> tup
 
 
 def compile_step(config: ml_collections.ConfigDict, latent: bool, text_tokens: int,
-                 unroll: bool = False):
-    """(compiled step, abstract state, mesh, compile seconds): shapes only, nothing allocated."""
-    mesh = sharding.make_mesh(config.mesh.shape)
+                 unroll: bool = False, devices=None):
+    """(compiled step, abstract state, mesh, compile seconds): shapes only, nothing allocated; the mesh
+    spans `devices` (default: all)."""
+    mesh = sharding.make_mesh(config.mesh.shape, devices)
     rules = sharding.logical_rules(config.mesh.logical_rules)
     with sharding.activate(mesh, rules), latent_task(config, latent), \
             (unrolled_layer_scans() if unroll else contextlib.nullcontext()):
@@ -251,13 +253,14 @@ def compile_step(config: ml_collections.ConfigDict, latent: bool, text_tokens: i
     return compiled, state, mesh, seconds
 
 
-def counted_flops(variant: str, args, latent: bool) -> tuple[float, float, float]:
+def counted_flops(variant: str, args, latent: bool, mesh: dict[str, int] | None = None,
+                  devices=None) -> tuple[float, float, float]:
     """(flops with every block counted, per-block flops, flops outside the blocks) per device, from the
     step compiled with 1, 2 and 3 unrolled blocks: f(1) + (L - 1)·(f(2) - f(1)). NaNs when f(3) - f(2)
     and f(2) - f(1) differ by more than 2% (the programs were partitioned differently, so no count
-    extrapolates)."""
-    flops = [flops_of(compile_step(bench_config(variant, args.batch, args.frames, args.resolution, layers),
-                                   latent, args.text_tokens, unroll=True)[0])
+    extrapolates). `mesh` (axis sizes) and `devices` as in `bench_config` and `compile_step`."""
+    flops = [flops_of(compile_step(bench_config(variant, args.batch, args.frames, args.resolution, layers, mesh),
+                                   latent, args.text_tokens, unroll=True, devices=devices)[0])
              for layers in (1, 2, 3)]
     num_layers = bench_config(variant, args.batch, args.frames, args.resolution).model.num_layers
     per_block, third = flops[1] - flops[0], flops[2] - flops[1]
