@@ -25,24 +25,11 @@ ACTION=${1:?$usage}
 WORKDIR=${2:?$usage}
 shift 2
 
-REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-case "${MODEL:-lrm}" in
-  lrm) DEFAULT_CONFIG=configs/lrm.py:large ;;
-  mvdiffusion) DEFAULT_CONFIG=configs/mvdiffusion.py:wan2_1_14b ;;
-  *) echo "MODEL must be lrm or mvdiffusion, got $MODEL" >&2; exit 2 ;;
-esac
-CONFIG=${CONFIG:-$DEFAULT_CONFIG}
+# Under sbatch this file runs from SLURM's spool folder: `submit` passes the repository along.
+REPO_DIR=${VFUSION3D_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+source "$REPO_DIR/launch/common.sh"  # CONFIG and run
 NODES=${NODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-
-run() {
-  if [ "$DRY_RUN" = 1 ]; then
-    printf '%q ' "$@" | sed 's/ $//'
-    echo
-  else
-    "$@"
-  fi
-}
 
 case "$ACTION" in
   submit)
@@ -52,7 +39,7 @@ case "$ACTION" in
     if [ -n "${PARTITION:-}" ]; then options+=(--partition "$PARTITION"); fi
     if [ -n "${ACCOUNT:-}" ]; then options+=(--account "$ACCOUNT"); fi
     run mkdir -p "$REPO_DIR/logs"
-    run sbatch "${options[@]}" --export "ALL,MODEL=${MODEL:-lrm},CONFIG=$CONFIG" "$REPO_DIR/launch/gpu_slurm.sh" \
+    run sbatch "${options[@]}" --export "ALL,MODEL=${MODEL:-lrm},CONFIG=$CONFIG,VFUSION3D_REPO=$REPO_DIR" "$REPO_DIR/launch/gpu_slurm.sh" \
       run "$WORKDIR" "$@"
     ;;
   run)

@@ -29,21 +29,7 @@ shift 3
 REPO_URL=${REPO_URL:-https://github.com/your-org/vfusion3d_jax.git}
 REPO_DIR=${REPO_DIR:-'$HOME/vfusion3d_jax'}  # expanded on the worker
 LOG_DIR=vfusion3d_logs  # on each worker, in the home directory
-case "${MODEL:-lrm}" in
-  lrm) DEFAULT_CONFIG=configs/lrm.py:large ;;
-  mvdiffusion) DEFAULT_CONFIG=configs/mvdiffusion.py:wan2_1_14b ;;
-  *) echo "MODEL must be lrm or mvdiffusion, got $MODEL" >&2; exit 2 ;;
-esac
-CONFIG=${CONFIG:-$DEFAULT_CONFIG}
-
-run() {
-  if [ "$DRY_RUN" = 1 ]; then
-    printf '%q ' "$@" | sed 's/ $//'
-    echo
-  else
-    "$@"
-  fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # CONFIG and run
 
 on_all_workers() {
   run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "$1"

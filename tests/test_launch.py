@@ -75,6 +75,8 @@ def test_slurm_submit_asks_for_one_task_per_gpu_a_warning_signal_and_requeue():
     assert options["--nodes"] == "4" and options["--ntasks-per-node"] == "8" and options["--gpus-per-node"] == "8"
     assert options["--signal"] == "B:TERM@120"  # the batch script forwards SIGTERM before the time limit
     assert sbatch[sbatch.index("--partition") + 1] == "a100"
+    # sbatch runs a copy of the script from its spool folder: the repository travels in the environment.
+    assert sbatch[sbatch.index("--export") + 1].endswith(f",VFUSION3D_REPO={REPO}")
     assert sbatch[-4:] == [str(REPO / "launch" / "gpu_slurm.sh"), "run", "/shared/runs/lrm", f"--config.x={GLOB}"]
 
 
