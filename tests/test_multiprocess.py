@@ -1,5 +1,6 @@
 """Pod-scale training proven on this machine: several local processes form one mesh, preemption
 (SIGTERM) saves and resumes bit-exactly, SIGKILL never leaves a checkpoint that fails to restore.
+All slow (`pytest -m slow tests/test_multiprocess.py`, ~13 minutes on 2 cores).
 
 Every run is `python -m vfusion3d_jax train` as a user starts it on a pod: one process per host,
 `VFUSION3D_DISTRIBUTED=1` and the coordinator in `JAX_COORDINATOR_ADDRESS` (here localhost), each
@@ -101,8 +102,10 @@ def train(workdir: Path, data_dir: str, *, processes: int) -> None:
 
 
 def logged_steps(workdir: Path) -> list[int]:
+    """Steps in the run's metrics.jsonl so far (a line still being written is left for later)."""
     path = workdir / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("\n")]
 
 
 def wait_for_step(workdir: Path, step: int, running: list[subprocess.Popen]) -> None:
@@ -139,6 +142,10 @@ def two_processes(tmp_path_factory, data_dir) -> Path:
     return workdir
 
 
+# Slow, as every test here: besides the minutes, one process of 8 fake CPU devices can deadlock in
+# XLA:CPU's collective rendezvous (a device runs two independent collectives in the other order;
+# seen in ~1 of 10 runs on this 2-core machine, more often under load), which CI must not meet.
+@pytest.mark.slow
 def test_two_processes_train_as_one_process_with_all_devices(one_process, two_processes):
     # Each host reads block p of every global batch (pipeline.HostShare), so both runs train on the
     # very same batches: their losses agree to float32 rounding from the first step.
