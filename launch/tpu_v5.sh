@@ -5,7 +5,7 @@
 #   launch/tpu_v5.sh [--dry-run] create NAME ZONE ACCELERATOR [--spot]   # a queued resource, e.g. v5p-64, v5litepod-64
 #   launch/tpu_v5.sh [--dry-run] status NAME ZONE                        # the queued resource's state
 #   launch/tpu_v5.sh [--dry-run] setup  NAME ZONE                        # clone or update the repo, make the venv
-#   launch/tpu_v5.sh [--dry-run] train  NAME ZONE gs://BUCKET/runs/RUN [--config.x=VALUE ...]
+#   launch/tpu_v5.sh [--dry-run] train  NAME ZONE WORKDIR [--config.x=VALUE ...]  # WORKDIR seen by every worker
 #   launch/tpu_v5.sh [--dry-run] logs   NAME ZONE [DIR]                  # every worker's log, into DIR
 #   launch/tpu_v5.sh [--dry-run] delete NAME ZONE
 #
@@ -56,7 +56,7 @@ case "$ACTION" in
       .venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
     ;;
   train)
-    WORKDIR=${1:?workdir, e.g. gs://BUCKET/runs/NAME}
+    WORKDIR=${1:?workdir on a file system every worker sees, e.g. /mnt/BUCKET/runs/NAME (a gcsfuse mount)}
     shift
     # Each flag quoted, so globs reach Python unexpanded; each worker's output also goes to its
     # own log file (collected by `logs`).
