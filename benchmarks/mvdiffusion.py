@@ -470,13 +470,18 @@ def record(header: str, rows: list[str]) -> None:
     print(f"appended {len(rows)} row(s) to {RESULTS}")
 
 
+def rerun_on_cpu_devices(script: str, num_devices: int, argv: list[str]) -> int:
+    """`script` with `argv` in a fresh process (marked by CHILD_ENV) whose jax sees `num_devices` CPU devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{CHILD_ENV: "1"})
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}").strip()
+    return subprocess.call([sys.executable, script] + argv, env=env)
+
+
 def run_compiled_in_child(args) -> int:
     """The compiled measurement in a fresh process whose jax sees `--devices` CPU devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **{CHILD_ENV: "1"})
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}").strip()
     # The last --timing wins: the child compiles only.
     argv = sys.argv[1:] + ["--timing=", f"--command_line={command_line(args)}"]
-    return subprocess.call([sys.executable, __file__] + argv, env=env)
+    return rerun_on_cpu_devices(__file__, args.devices, argv)
 
 
 def report(header: str, rows: list[dict], format_row, args) -> None:

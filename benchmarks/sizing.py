@@ -82,7 +82,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -165,8 +164,7 @@ def base_config(args) -> ml_collections.ConfigDict:
 def data_parallel_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
     """How many ways N devices split the batch under the config's mesh and rules (no jax devices needed)."""
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh.shape, num_devices)))
-    axes = sharding.batch_spec(sharding.logical_rules(config.mesh.logical_rules))[0]
-    return math.prod(sizes[axis] for axis in ((axes,) if isinstance(axes, str) else tuple(axes or ())))
+    return sharding.data_parallel_size(sizes, sharding.logical_rules(config.mesh.logical_rules))
 
 
 def slice_sizes(config: ml_collections.ConfigDict, sizes: list[int]) -> tuple[list[int], dict[int, str]]:
@@ -467,14 +465,6 @@ def record(heading: str, body: list[str]) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def run_child(args, max_devices: int) -> int:
-    """This script in a fresh process whose jax sees `max_devices` CPU devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **{mvd.CHILD_ENV: "1"})
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max_devices}").strip()
-    argv = sys.argv[1:] + [f"--command_line={mvd.command_line(args)}"]
-    return subprocess.call([sys.executable, __file__] + argv, env=env)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="lrm", choices=sorted(DEFAULT_VARIANTS))
@@ -501,7 +491,8 @@ def main() -> None:
         sys.exit(f"no slice size of {args.devices} fits the mesh and global batch: {skipped}")
     if not os.environ.get(mvd.CHILD_ENV):
         start = time.perf_counter()
-        code = run_child(args, max(sizes))
+        code = mvd.rerun_on_cpu_devices(__file__, max(sizes),
+                                        sys.argv[1:] + [f"--command_line={mvd.command_line(args)}"])
         print(f"done in {time.perf_counter() - start:.0f} s")
         sys.exit(code)
 

@@ -98,7 +98,7 @@ def test_mesh_and_rules_from_config():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     rules = sharding.logical_rules(load_config("lrm.py:tiny").mesh.logical_rules)
     assert sharding.batch_spec(rules) == jax.sharding.PartitionSpec(("data", "fsdp"))
-    assert sharding.data_parallel_size(mesh, rules) == 8
+    assert sharding.data_parallel_size(mesh.shape, rules) == 8
     with pytest.raises(ValueError, match="unknown mesh axis"):
         sharding.logical_rules([("embed", "model")])
 

@@ -141,11 +141,12 @@ def batch_spec(rules: LogicalRules, logical_axis: str = "batch") -> PartitionSpe
     return PartitionSpec(mesh_axes)
 
 
-def data_parallel_size(mesh: Mesh, rules: LogicalRules) -> int:
-    """How many ways the batch is split: the global batch size must be a multiple of it."""
+def data_parallel_size(mesh_shape: Mapping[str, int], rules: LogicalRules) -> int:
+    """How many ways the batch is split on a mesh of these axis sizes (`mesh.shape`, or a plan's
+    without devices): the global batch size must be a multiple of it."""
     axes = batch_spec(rules)[0]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[axis] for axis in axes)
+    return math.prod(mesh_shape[axis] for axis in axes)
 
 
 def per_device_bytes(tree: Any) -> int:

@@ -434,10 +434,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     stages = make_stages(config)
     num_steps = stages[-1].end_step
     batch_sizes = [("data", config.data.batch_size)] + ([("eval", config.eval.batch_size)] if config.eval.every else [])
+    parallelism = sharding.data_parallel_size(mesh.shape, rules)
     for name, batch_size in batch_sizes:
-        if batch_size % sharding.data_parallel_size(mesh, rules):
+        if batch_size % parallelism:
             raise ValueError(f"config.{name}.batch_size {batch_size} is not divisible by the data parallelism "
-                             f"({sharding.data_parallel_size(mesh, rules)}) of mesh {dict(mesh.shape)}")
+                             f"({parallelism}) of mesh {dict(mesh.shape)}")
     if config.eval.every:
         pipeline.expand_paths(config.eval.glob)  # a missing held-out split fails now, not after hours
     if config.train.nonfinite not in ("stop", "skip"):
