@@ -27,10 +27,10 @@ Fine-tuning the official weights (converted first) on rendered data only:
         --config.train.stages.high_res.num_steps=0 --config.data_dir=data/builtin
 
 At scale (a TPU v5 pod; see launch/tpu_v5.sh and the README's pretraining section), with synthetic
-orbits mixed in, the bucket mounted at /mnt/BUCKET on every worker:
+orbits mixed in, data and workdir in a bucket:
 
-    launch/tpu_v5.sh train NAME ZONE /mnt/BUCKET/runs/lrm_large --config.data_dir=/mnt/BUCKET/orbits \
-        --config.data.mixture.synthetic.glob='/mnt/BUCKET/synthetic/train-*.tfrecord'
+    launch/tpu_v5.sh train NAME ZONE gs://BUCKET/runs/lrm_large --config.data_dir=gs://BUCKET/orbits \
+        --config.data.mixture.synthetic.glob='gs://BUCKET/synthetic/train-*.tfrecord'
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 # size the job; MODEL=lrm (default) or mvdiffusion picks the config (configs/lrm.py:large or
 # configs/mvdiffusion.py:wan2_1_14b), CONFIG=file.py:variant overrides it. Run it from the
 # repository on a shared file system, set up once with
-# `make setup && .venv/bin/pip install -c constraints.txt -e '.[gpu]'`.
+# `make setup && .venv/bin/pip install -c constraints.txt -e '.[gpu,gcs]'`.
 #
 # Every task calls jax.distributed.initialize() (VFUSION3D_DISTRIBUTED=1), which reads the
 # coordinator (the first node), the process count and each task's id and GPU from SLURM's

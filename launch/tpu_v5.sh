@@ -53,10 +53,10 @@ case "$ACTION" in
   setup)
     on_all_workers "set -e; if [ -d $REPO_DIR ]; then git -C $REPO_DIR pull --ff-only; else git clone $REPO_URL $REPO_DIR; fi;
       cd $REPO_DIR && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip &&
-      .venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
+      .venv/bin/pip install -q -c constraints.txt -e '.[tpu,gcs]'"
     ;;
   train)
-    WORKDIR=${1:?workdir on a file system every worker sees, e.g. /mnt/BUCKET/runs/NAME (a gcsfuse mount)}
+    WORKDIR=${1:?workdir every worker sees: gs://BUCKET/runs/NAME, or a shared file system}
     shift
     # Each flag quoted, so globs reach Python unexpanded; each worker's output also goes to its
     # own log file (collected by `logs`).

@@ -18,7 +18,7 @@ evenly spread; counts and cameras from every record.
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import math
 import os
@@ -26,10 +26,11 @@ import re
 from collections import Counter
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
 
 from vfusion3d_jax import errors
-from vfusion3d_jax.data import storage
+from vfusion3d_jax.data import remote, storage
 from vfusion3d_jax.data.example import decode_orbit, parse_example, read_metadata
 from vfusion3d_jax.data.tfrecord import iterate_records, read_index
 
@@ -45,12 +46,12 @@ _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d+-of-\d+\.tfrecord$")
 
 def find_shards(path: str) -> list[str]:
     """The TFRecord files at `path`: a file, a folder (recursive) or a glob."""
-    if os.path.isdir(path):
-        shards = glob.glob(os.path.join(path, "**", "*.tfrecord"), recursive=True)
-    elif os.path.isfile(path):
+    if remote.is_dir(path):
+        shards = remote.glob(path.rstrip("/") + "/**/*.tfrecord", recursive=True)
+    elif remote.is_file(path):
         shards = [path]
     else:
-        shards = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+        shards = [p for p in remote.glob(path, recursive=True) if remote.is_file(p)]
     if not shards:
         raise errors.MissingInputError(f"no TFRecord shards at {path!r}").with_hint(
             "give a shard, a folder of shards or a glob")
@@ -188,13 +189,13 @@ def format_statistics(statistics: dict) -> str:
 
 def _default_output_dir(path: str) -> str:
     """The data's folder when a reader may write there, else the data's folder in the cache."""
-    if os.path.isdir(path):
+    if remote.is_dir(path):
         data_dir = path
-    elif os.path.isfile(path):
-        data_dir = os.path.dirname(path) or "."
+    elif remote.is_file(path):
+        data_dir = remote.parent(path)
     else:
         fixed_prefix = re.split(r"[*?\[]", path, maxsplit=1)[0]
-        data_dir = os.path.dirname(fixed_prefix) or "."
+        data_dir = fixed_prefix.rsplit("/", 1)[0] if "/" in fixed_prefix else "."
     return data_dir if storage.may_write(data_dir) else storage.cache_path("inspect", data_dir)
 
 
@@ -205,13 +206,15 @@ def inspect_dataset(config, workdir: str | None, args: list[str]) -> dict:
         raise errors.UsageError(f"inspect-data takes one PATH (a shard, a folder or a glob), got {args}")
     path = args[0]
     statistics, orbits = dataset_statistics(find_shards(path))
-    output_dir = workdir or _default_output_dir(path)
-    os.makedirs(output_dir, exist_ok=True)
-    sheet_path = os.path.join(output_dir, "contact_sheet.png")
+    output_dir = epath.Path(workdir or _default_output_dir(path))  # local or a bucket
+    output_dir.mkdir(parents=True, exist_ok=True)
+    sheet_path = output_dir / "contact_sheet.png"
     if orbits:
-        contact_sheet(orbits).save(sheet_path)
-    with open(os.path.join(output_dir, "inspect.json"), "w") as file:
-        json.dump(statistics, file, indent=2)
+        png = io.BytesIO()
+        contact_sheet(orbits).save(png, format="PNG")
+        sheet_path.write_bytes(png.getvalue())
+    (output_dir / "inspect.json").write_text(json.dumps(statistics, indent=2))
+    sheet_path = os.fspath(sheet_path)
     print(format_statistics(statistics))
     print(f"contact sheet: {sheet_path if orbits else '(no records)'}")
     return dict(statistics, contact_sheet=sheet_path if orbits else None)

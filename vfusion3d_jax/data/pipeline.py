@@ -82,9 +82,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import math
-import os
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -96,7 +94,7 @@ from absl import flags, logging
 from PIL import Image
 
 from vfusion3d_jax import cameras, errors
-from vfusion3d_jax.data import clips, tfrecord
+from vfusion3d_jax.data import clips, remote, tfrecord
 from vfusion3d_jax.data import example as orbit_example
 
 
@@ -129,7 +127,7 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
         patterns = [pattern.strip() for pattern in patterns.split(",") if pattern.strip()]
     paths = set()
     for pattern in patterns:
-        matches = [path for path in glob.glob(os.fspath(pattern)) if not path.endswith(".index")]
+        matches = [path for path in remote.glob(pattern) if not path.endswith(".index")]
         if not matches:
             raise errors.MissingInputError(f"no TFRecord shards match {pattern!r}").with_hint(
                 "check the path or glob (`render-data` writes shards to WORKDIR/shards/; training reads "

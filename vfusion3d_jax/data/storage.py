@@ -91,7 +91,8 @@ def cache_path(kind: str, source: str | os.PathLike, *stamp) -> str:
     The name is `source`'s base name and a hash of its real path and `stamp` (such as the
     size and modification time of the file it was derived from). The folder is not created.
     """
-    real = os.path.realpath(os.fspath(source))
+    source = os.fspath(source)
+    real = source if _URL.match(source) else os.path.realpath(source)
     digest = hashlib.sha256("\0".join([real, *map(str, stamp)]).encode("utf-8")).hexdigest()[:16]
     name = os.path.basename(real.rstrip("/")) or "root"
     return os.path.join(cache_dir(), kind, f"{name}-{digest}")

@@ -14,6 +14,10 @@ resume) reads it. Shards from other tools have no index; `read_index` builds one
 the frame headers (no data is read) and keeps it: beside the shard when the folder is local
 and writable, otherwise in the cache directory (`data.storage`), so a reader never writes
 into a data folder it may not own; in memory when neither can be written.
+
+The readers take local paths and URLs alike (`gs://...`, through `data.remote`: a bucket is
+never written to, so a shard there without an index has it built into the cache); the writer
+writes local files.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from vfusion3d_jax import errors
-from vfusion3d_jax.data import storage
+from vfusion3d_jax.data import remote, storage
 
 _HEADER_BYTES = 12  # uint64 length + uint32 masked CRC of the length
 _FOOTER_BYTES = 4  # uint32 masked CRC of the data
@@ -169,8 +173,8 @@ def _scan_frames(path: str) -> tuple[list[tuple[int, int]], CorruptRecordError |
     """(offset, length) of the frames before the first broken one, the error of that one (None if
     none) and its length field (0 when the field itself is unreadable)."""
     entries = []
-    with open(path, "rb") as file:
-        file_size = os.fstat(file.fileno()).st_size
+    file_size, _ = remote.size_and_mtime(path)
+    with remote.open_binary(path) as file:
         offset = 0
         while offset < file_size:
             record_index = len(entries)
@@ -233,13 +237,13 @@ def cached_index_path(path: str | os.PathLike) -> str:
     The name depends on the shard's real path, size and modification time, so a rewritten
     shard never meets the index of its old contents.
     """
-    stat = os.stat(path)
-    return storage.cache_path("tfrecord_index", path, stat.st_size, stat.st_mtime_ns) + ".index"
+    return storage.cache_path("tfrecord_index", path, *remote.size_and_mtime(path)) + ".index"
 
 
 def _load_index(path: str) -> np.ndarray | None:
     try:
-        return np.load(path, allow_pickle=False)
+        with remote.open_binary(path) as file:
+            return np.load(file, allow_pickle=False)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:  # unreadable or not an .npy: treated as stale
@@ -256,22 +260,22 @@ def read_index(path: str | os.PathLike) -> np.ndarray:
     either, in memory for the life of the process.
     """
     path = os.fspath(path)
-    stat = os.stat(path)
+    size, mtime_ns = remote.size_and_mtime(path)
     index = _load_index(index_path(path))
     if index is not None:
-        if _index_matches_file(index, stat.st_size):
+        if _index_matches_file(index, size):
             return index
         logging.warning("index %s does not match %s (stale or foreign); rebuilding it", index_path(path), path)
-    memory_key = (path, stat.st_size, stat.st_mtime_ns)
+    memory_key = (path, size, mtime_ns)
     with _UNSAVED_INDEXES_LOCK:
         if memory_key in _UNSAVED_INDEXES:
             return _UNSAVED_INDEXES[memory_key]
-    if storage.may_write(os.path.dirname(os.path.abspath(path))):
+    if storage.may_write(remote.parent(path)):
         destination = index_path(path)
     else:
         destination = cached_index_path(path)
         index = _load_index(destination)
-        if index is not None and _index_matches_file(index, stat.st_size):
+        if index is not None and _index_matches_file(index, size):
             return index
     index = build_index(path)
     try:
@@ -314,19 +318,14 @@ def read_record(path: str | os.PathLike, offset: int, length: int, *, verify_crc
     """
     path = os.fspath(path)
     offset, length = int(offset), int(length)
-    # os.pread: no shared file position, so threads may read one shard at once.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        frame = os.pread(fd, _HEADER_BYTES + length + _FOOTER_BYTES, offset)
-    finally:
-        os.close(fd)
+    frame = remote.read_at(path, offset, _HEADER_BYTES + length + _FOOTER_BYTES)
     return _check_frame(frame, path, record_index, offset, length, verify_crc)
 
 
 def iterate_records(path: str | os.PathLike, *, verify_crc: bool = True) -> Iterator[bytes]:
     """The records of a shard in file order (no index needed)."""
     path = os.fspath(path)
-    with open(path, "rb") as file:
+    with remote.open_binary(path) as file:
         offset, record_index = 0, 0
         while header := file.read(_HEADER_BYTES):
             if len(header) < _HEADER_BYTES:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -39,6 +39,7 @@ import numpy as np
 import tqdm
 import trimesh
 from absl import app, flags, logging
+from etils import epath
 
 from vfusion3d_jax import cameras, visualize
 from vfusion3d_jax.configs import load_config
@@ -307,9 +308,9 @@ def worst_and_best_sheet(report: dict, rows: int) -> np.ndarray:
                                     for item in chosen])
 
 
-def write_report(report: dict, workdir: str | Path, *, sheet_rows: int, extra: dict | None = None) -> dict:
-    """metrics.json, metrics.md and sheet.png in `workdir`; returns their paths."""
-    workdir = Path(workdir)
+def write_report(report: dict, workdir: str | os.PathLike, *, sheet_rows: int, extra: dict | None = None) -> dict:
+    """metrics.json, metrics.md and sheet.png in `workdir` (local or a bucket); returns their paths."""
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     paths = dict(json=workdir / "metrics.json", markdown=workdir / "metrics.md", sheet=workdir / "sheet.png")
     content = dict(extra or {}, overall=report["overall"], objects=report["objects"])
@@ -320,7 +321,7 @@ def write_report(report: dict, workdir: str | Path, *, sheet_rows: int, extra: d
     return paths
 
 
-def evaluate(checkpoint: str, data: str, workdir: str | Path,
+def evaluate(checkpoint: str, data: str, workdir: str | os.PathLike,
              config: ml_collections.ConfigDict | None = None) -> dict:
     """Evaluates `checkpoint` on the orbits of `data`; writes and returns the report."""
     config = config if config is not None else load_config("infer.py:evaluate")

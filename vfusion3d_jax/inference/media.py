@@ -3,8 +3,9 @@
 
 Frames and images are float in [0, 1] (what the renderer gives; clipped and rounded to
 8 bits) or uint8, channels last. Every writer creates the parent folders and writes
-atomically (a temporary file in the same folder, then `os.replace`), so a path that exists
-holds a complete file even if the job is killed mid-write, and returns the path.
+atomically (a temporary file in the same folder, then `os.replace`; for a `gs://` URL a local
+file, then one upload), so a path that exists holds a complete file even if the job is killed
+mid-write, and returns the path.
 
 MP4s are H.264 in yuv420p, the profile every browser and player decodes, encoded by the
 FFmpeg libraries inside the PyAV wheel (nothing to install or download). Colours are
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import av
 import numpy as np
+from etils import epath
 from PIL import Image
 
+from vfusion3d_jax.data import remote
 from vfusion3d_jax.visualize import to_uint8
 
 # H.264 colour tags (ISO/IEC 23091-2 code points): BT.709 matrix, primaries and transfer; limited range.
@@ -31,8 +34,20 @@ _BT709 = 1
 _LIMITED_RANGE = 1
 
 
-def _write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Calls write(temporary path) in path's folder, then renames it to path; no temporary is left behind."""
+def _write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path | epath.Path:
+    """Calls write(temporary path) in path's folder, then renames it to path; no temporary is left behind.
+
+    A URL (`gs://...`) is written locally first and uploaded whole: an object in a bucket
+    appears complete or not at all, so the upload is atomic by itself.
+    """
+    if remote.is_url(path):
+        with tempfile.TemporaryDirectory() as folder:
+            local = os.path.join(folder, os.path.basename(os.fspath(path)))
+            write(local)
+            destination = epath.Path(path)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_bytes(Path(local).read_bytes())
+        return destination
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -53,7 +68,7 @@ def _video_frames(frames) -> np.ndarray:
     return frames
 
 
-def write_mp4(frames, path: str | os.PathLike, fps: float = 30.0, *, crf: int = 18) -> Path:
+def write_mp4(frames, path: str | os.PathLike, fps: float = 30.0, *, crf: int = 18) -> Path | epath.Path:
     """(T, H, W, 3) float [0, 1] or uint8 frames -> H.264 MP4 (yuv420p) of exactly T frames at `fps`.
 
     yuv420p stores colour at half resolution, so H.264 needs even sides: an odd height or
@@ -87,7 +102,7 @@ def write_mp4(frames, path: str | os.PathLike, fps: float = 30.0, *, crf: int = 
     return _write_atomically(path, write)
 
 
-def write_gif(frames, path: str | os.PathLike, fps: float = 30.0) -> Path:
+def write_gif(frames, path: str | os.PathLike, fps: float = 30.0) -> Path | epath.Path:
     """(T, H, W, 3) float [0, 1] or uint8 frames -> a GIF that loops forever, for quick viewing.
 
     Each frame gets its own 256-colour palette (Pillow's adaptive quantisation). GIF delays
@@ -108,7 +123,7 @@ def write_gif(frames, path: str | os.PathLike, fps: float = 30.0) -> Path:
     return _write_atomically(path, write)
 
 
-def write_png(image, path: str | os.PathLike) -> Path:
+def write_png(image, path: str | os.PathLike) -> Path | epath.Path:
     """(H, W, 3) RGB or (H, W, 4) RGBA, float [0, 1] or uint8 -> 8-bit PNG."""
     image = to_uint8(image)
     if image.ndim != 3 or image.shape[-1] not in (3, 4):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import pickle
 import re
 import sys
@@ -49,6 +50,7 @@ from flax import nnx, traverse_util
 from flax.nnx import traversals
 
 from vfusion3d_jax import errors
+from vfusion3d_jax.data import remote
 from vfusion3d_jax.models.lrm import LRM, abstract_lrm
 
 CHECKPOINT_SUBDIR = "checkpoints"  # under a run's workdir
@@ -450,9 +452,12 @@ def config_mismatches(state_dict: Mapping[str, Any], config: ml_collections.Conf
 # Orbax checkpoints and the command.
 
 
-def _checkpoint_manager(directory: str | Path, *, create: bool = False) -> ocp.CheckpointManager:
-    """The manager of a run's checkpoints: `directory` is the workdir or its `checkpoints/` folder."""
-    directory = Path(directory).absolute()
+def _checkpoint_manager(directory: str | os.PathLike, *, create: bool = False) -> ocp.CheckpointManager:
+    """The manager of a run's checkpoints: `directory` is the workdir or its `checkpoints/` folder,
+    local or in a bucket."""
+    directory = epath.Path(directory)
+    if not remote.is_url(directory):  # epath's absolute() would turn gs://b/x into $PWD/gs:/b/x
+        directory = directory.absolute()
     if (directory / CHECKPOINT_SUBDIR).is_dir():
         directory = directory / CHECKPOINT_SUBDIR
     elif not (create or directory.is_dir()):
@@ -462,17 +467,17 @@ def _checkpoint_manager(directory: str | Path, *, create: bool = False) -> ocp.C
                                  options=ocp.CheckpointManagerOptions(create=create))
 
 
-def save_checkpoint(workdir: str | Path, params: Mapping[str, Any], config: ml_collections.ConfigDict,
-                    step: int = 0) -> Path:
+def save_checkpoint(workdir: str | os.PathLike, params: Mapping[str, Any], config: ml_collections.ConfigDict,
+                    step: int = 0) -> epath.Path:
     """Writes `params` (pure dict) and `config` as step `step` of `<workdir>/checkpoints` (training layout)."""
-    manager = _checkpoint_manager(Path(workdir) / CHECKPOINT_SUBDIR, create=True)
+    manager = _checkpoint_manager(epath.Path(workdir) / CHECKPOINT_SUBDIR, create=True)
     manager.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(params),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
     ))
     manager.wait_until_finished()
     manager.close()
-    return Path(manager.directory) / str(step)
+    return epath.Path(manager.directory) / str(step)
 
 
 def _latest_step(manager: ocp.CheckpointManager, step: int | None) -> int:
