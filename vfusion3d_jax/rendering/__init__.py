@@ -2,6 +2,7 @@
 
 `render_views` (traceable, for jitted training steps) and `render` (eager, validated) reproduce the
 official VFusion3D renderer; `query_points` / `query_grid` are the official point and grid queries.
+`splatting` (imported on its own) is a differentiable 3D Gaussian rasteriser with gsplat 1.5.3's semantics.
 """
 
 from vfusion3d_jax.rendering.renderer import (
