@@ -64,6 +64,12 @@ def input_config() -> ml_collections.ConfigDict:
     # (cameras.CANONICAL_SOURCE_CAM2WORLD's rotation, at the source view's own distance), as the
     # official inferrer assumes (for clips: frame 0's); False keeps the cameras of the record.
     config.canonicalize_cameras = True
+    # Input views (FlexRM, configs/flexrm.py): besides the source view, up to num_input_views - 1
+    # other views of the orbit, drawn at random, go to the encoder (input_images, input_cameras);
+    # input_mask keeps the first n, with n drawn per example from [min_input_views,
+    # num_input_views]. 1 = the source view alone (the LRM; no input_* keys).
+    config.num_input_views = 1
+    config.min_input_views = 1
     # Side of the square source image given to the encoder (official: 512).
     config.source_resolution = 512
     # Side of the square full render of the target views (the supervision images).

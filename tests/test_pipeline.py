@@ -104,6 +104,40 @@ def test_views_follow_the_config_and_cameras_are_canonical(rendered):
         assert source not in views and len(set(views)) == 3
 
 
+def test_input_views_are_the_source_then_distinct_others_with_a_prefix_mask(rendered):
+    glob, orbits = rendered
+    plain = list(pipeline.make_iterator(_config(glob, num_epochs=1, random_hue=True), shard_index=0, shard_count=1))
+    config = _config(glob, num_epochs=1, random_hue=True, num_input_views=4, min_input_views=2)
+    batches = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+    # The input views are drawn after everything else: the LRM's part of each example is unchanged.
+    for key in plain[0]:
+        np.testing.assert_array_equal(_concat(batches, key), _concat(plain, key), err_msg=key)
+    assert "input_images" not in plain[0]
+
+    images, input_cameras = _concat(batches, "input_images"), _concat(batches, "input_cameras")
+    mask, views = _concat(batches, "input_mask"), _concat(batches, "input_view_indices")
+    assert images.shape == (len(orbits), 4, RESOLUTION, RESOLUTION, 3) and mask.dtype == bool
+    counts = mask.sum(axis=1)
+    np.testing.assert_array_equal(mask, np.arange(4) < counts[:, None])  # a prefix
+    assert set(counts.tolist()) == {2, 3, 4}  # 24 draws from [2, 4]
+    np.testing.assert_array_equal(views[:, 0], _concat(batches, "source_view_index"))
+    np.testing.assert_array_equal(images[:, 0], _concat(batches, "source_image"))
+    np.testing.assert_array_equal(input_cameras[:, 0], _concat(batches, "source_camera"))
+    for n in range(len(orbits)):
+        chosen = views[n, :counts[n]]
+        assert len(set(chosen.tolist())) == counts[n] and (views[n, counts[n]:] == -1).all()
+        np.testing.assert_array_equal(images[n, counts[n]:], 1.0)  # padding is white
+        # Each input camera is its view's camera, moved into the source's canonical frame like the targets.
+        orbit = orbits[_concat(batches, "record_index")[n]]
+        stored = orbit["cam2world"][chosen]
+        moved = np.concatenate([input_cameras[n, :counts[n], :12].reshape(-1, 3, 4),
+                                np.tile([[[0, 0, 0, 1]]], (counts[n], 1, 1))], axis=1)
+        np.testing.assert_allclose(np.linalg.inv(moved[0]) @ moved, np.linalg.inv(stored[0]) @ stored, atol=1e-5)
+
+    with pytest.raises(ValueError, match="min_input_views"):
+        next(pipeline.make_iterator(_config(glob, num_input_views=2, min_input_views=3), shard_index=0, shard_count=1))
+
+
 def test_resume_from_state_gives_the_same_batches(tmp_path, rendered):
     glob, _ = rendered
     synthetic_glob, _ = _write_orbits(tmp_path, "synthetic", source="synthetic", seed=1)

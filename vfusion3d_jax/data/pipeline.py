@@ -51,6 +51,10 @@ S = the full render side, p = patch_size or S) is a dict of NumPy arrays:
 | `is_synthetic`         | (B,) f32            | 1 for `object/source == synthetic`, else 0 (per-source losses) |
 | `source_view_index`    | (B,) i32            | index of the source view in its orbit                       |
 | `target_view_indices`  | (B, K) i32          | indices of the target views in their orbit                  |
+| `input_images`         | (B, V, Hs, Ws, 3) f32 | with num_input_views V > 1 only: the source view, then V − 1 other random views (white where masked) |
+| `input_cameras`        | (B, V, 16) f32      | their `cameras.source_camera` (masked slots repeat the source's) |
+| `input_mask`           | (B, V) bool         | the first n slots, n drawn in [min_input_views, V] per example |
+| `input_view_indices`   | (B, V) i32          | their views in the orbit; -1 where masked                    |
 | `record_index`         | (B,) i32            | record number in its dataset (shards concatenated in path order) |
 | `dataset_index`        | (B,) i32            | which dataset of the mixture (`active_datasets` order)       |
 | `corrupt_skipped`      | (B,) i32            | corrupt records skipped just before this example            |
@@ -234,8 +238,13 @@ class ExampleOptions:
     target_resize_range: tuple[int, int] | None = None
     patch_size: int | None = None
     random_hue: bool = False
+    num_input_views: int = 1
+    min_input_views: int = 1
 
     def __post_init__(self):
+        if not 1 <= self.min_input_views <= self.num_input_views:
+            raise ValueError(f"need 1 <= min_input_views ({self.min_input_views}) <= num_input_views "
+                             f"({self.num_input_views})")
         if self.target_resize_range is not None:
             low, high = self.target_resize_range
             if self.patch_size is None:
@@ -326,8 +335,9 @@ def make_training_example(record: bytes, rng: np.random.Generator, options: Exam
                           metadata_filter: MetadataFilter = MetadataFilter()) -> dict | None:
     """One training example (float32 images and cameras) from an orbit record; None if filtered out.
 
-    The random draws happen in a fixed order (views, render size, crops), so switching patches
-    off leaves the view choice of each example unchanged.
+    The random draws happen in a fixed order (views, render size, crops, hue, input views), so
+    switching patches off leaves the view choice of each example unchanged, and adding input
+    views leaves the rest of the example unchanged.
     """
     parsed = orbit_example.parse_example(record)
     metadata = orbit_example.read_metadata(parsed)
@@ -344,11 +354,14 @@ def make_training_example(record: bytes, rng: np.random.Generator, options: Exam
         full_size = int(rng.integers(options.target_resize_range[0], options.target_resize_range[1] + 1))
     patch_size = full_size if options.patch_size is None else options.patch_size
     offsets = rng.integers(0, full_size - patch_size + 1, size=(len(target_views), 2))
+    hue_angle = rng.uniform(0.0, 2.0 * np.pi) if options.random_hue else None
+    input_views = select_input_views(rng, metadata.num_views, source_view, options, metadata.object_id)
 
-    decoded_views = list(dict.fromkeys([source_view, *target_views.tolist()]))  # each chosen view decoded once
+    # Each chosen view decoded once.
+    decoded_views = list(dict.fromkeys([source_view, *target_views.tolist(), *input_views]))
     orbit = orbit_example.decode_orbit(parsed, views=decoded_views)
-    if options.random_hue:
-        orbit["images"] = rotate_hue(orbit["images"], rng.uniform(0.0, 2.0 * np.pi))
+    if hue_angle is not None:
+        orbit["images"] = rotate_hue(orbit["images"], hue_angle)
     slot = {view: i for i, view in enumerate(decoded_views)}
     target_slots = [slot[view] for view in target_views.tolist()]
     cam2world, intrinsics = orbit["cam2world"], orbit["intrinsics"]
@@ -362,7 +375,7 @@ def make_training_example(record: bytes, rng: np.random.Generator, options: Exam
     target_images, target_masks = composite_on_white(target_rgba)
     source_image, _ = composite_on_white(resize_rgba(orbit["images"][slot[source_view]], options.source_resolution))
     target_cam2world, target_intrinsics = cam2world[target_slots], intrinsics[target_slots]
-    return {
+    example = {
         "source_image": source_image,
         "source_camera": cameras.source_camera(cam2world[slot[source_view]], intrinsics[slot[source_view]]),
         "target_images": target_images,
@@ -375,6 +388,39 @@ def make_training_example(record: bytes, rng: np.random.Generator, options: Exam
         "is_synthetic": np.float32(metadata.is_synthetic),
         "source_view_index": np.int32(source_view),
         "target_view_indices": target_views.astype(np.int32),
+    }
+    if options.num_input_views > 1:
+        example.update(input_views_example(orbit, slot, source_view, input_views, cam2world, options))
+    return example
+
+
+def select_input_views(rng: np.random.Generator, num_views: int, source_view: int, options: ExampleOptions,
+                       object_id: str) -> list[int]:
+    """The input views besides the source: n - 1 distinct others, n drawn in [min_input_views,
+    num_input_views] (no draws at all for num_input_views 1, so the LRM's examples are unchanged)."""
+    if options.num_input_views == 1:
+        return []
+    if num_views < options.num_input_views:
+        raise ValueError(f"orbit {object_id!r}: {num_views} views cannot give {options.num_input_views} input views")
+    count = int(rng.integers(options.min_input_views, options.num_input_views + 1))
+    others = np.delete(np.arange(num_views), source_view)
+    return rng.choice(others, size=count - 1, replace=False).tolist()
+
+
+def input_views_example(orbit: dict, slot: dict[int, int], source_view: int, input_views: list[int],
+                        cam2world: np.ndarray, options: ExampleOptions) -> dict:
+    """The `input_*` arrays: the source view, the other input views, then masked padding (white
+    images, the source's camera) up to num_input_views."""
+    views = [source_view, *input_views]
+    padding = options.num_input_views - len(views)
+    images = [composite_on_white(resize_rgba(orbit["images"][slot[view]], options.source_resolution))[0]
+              for view in views]
+    views_cameras = [cameras.source_camera(cam2world[slot[view]], orbit["intrinsics"][slot[view]]) for view in views]
+    return {
+        "input_images": np.stack(images + [np.ones_like(images[0])] * padding),
+        "input_cameras": np.stack(views_cameras + views_cameras[:1] * padding).astype(np.float32),
+        "input_mask": np.arange(options.num_input_views) < len(views),
+        "input_view_indices": np.asarray(views + [-1] * padding, np.int32),
     }
 
 
@@ -431,6 +477,8 @@ def example_options(config: ml_collections.ConfigDict) -> ExampleOptions | clips
             target_resize_range=None if config.target_resize_range is None else tuple(config.target_resize_range),
             patch_size=config.patch_size,
             random_hue=config.random_hue,
+            num_input_views=config.get("num_input_views", 1),  # configs saved before FlexRM lack them
+            min_input_views=config.get("min_input_views", 1),
         )
     if config.example == "clip":
         return clips.ClipOptions(
