@@ -87,7 +87,7 @@ def test_png_is_atomic_and_clips(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        media._write_atomically(tmp_path / "a" / "b" / "input.png", failing_write)
+        media.write_atomically(tmp_path / "a" / "b" / "input.png", failing_write)
     assert os.listdir(tmp_path / "a" / "b") == ["input.png"]  # the old file kept, no temporary left
     with Image.open(path) as png:
         np.testing.assert_array_equal(np.asarray(png), visualize.to_uint8(image))

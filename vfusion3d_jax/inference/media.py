@@ -34,7 +34,7 @@ _BT709 = 1
 _LIMITED_RANGE = 1
 
 
-def _write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path | epath.Path:
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path | epath.Path:
     """Calls write(temporary path) in path's folder, then renames it to path; no temporary is left behind.
 
     A URL (`gs://...`) is written locally first and uploaded whole: an object in a bucket
@@ -99,7 +99,7 @@ def write_mp4(frames, path: str | os.PathLike, fps: float = 30.0, *, crf: int = 
                 container.mux(stream.encode(video_frame))
             container.mux(stream.encode())  # flush the frames the encoder still holds
 
-    return _write_atomically(path, write)
+    return write_atomically(path, write)
 
 
 def write_gif(frames, path: str | os.PathLike, fps: float = 30.0) -> Path | epath.Path:
@@ -120,7 +120,7 @@ def write_gif(frames, path: str | os.PathLike, fps: float = 30.0) -> Path | epat
         images[0].save(temporary, format="GIF", save_all=True, append_images=images[1:],
                        duration=round(1000 / fps), loop=0)
 
-    return _write_atomically(path, write)
+    return write_atomically(path, write)
 
 
 def write_png(image, path: str | os.PathLike) -> Path | epath.Path:
@@ -128,7 +128,7 @@ def write_png(image, path: str | os.PathLike) -> Path | epath.Path:
     image = to_uint8(image)
     if image.ndim != 3 or image.shape[-1] not in (3, 4):
         raise ValueError(f"image must be (H, W, 3) or (H, W, 4), got shape {image.shape}")
-    return _write_atomically(path, lambda temporary: Image.fromarray(image).save(temporary, format="PNG"))
+    return write_atomically(path, lambda temporary: Image.fromarray(image).save(temporary, format="PNG"))
 
 
 def count_video_frames(path: str | os.PathLike) -> int:

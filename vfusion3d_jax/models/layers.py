@@ -75,8 +75,9 @@ class Attention(nnx.Module):
     """Multi-head attention with separate query/key/value projections and an output projection.
 
     `__call__(x)` is self-attention; `__call__(x, context)` cross-attends to `context`, whose
-    width is `context_dim`. PyTorch's fused `in_proj` of `nn.MultiheadAttention` is the
-    concatenation [Wq; Wk; Wv] of these projections.
+    width is `context_dim`; `mask` (batch, context tokens) bool, if given, hides the tokens where it
+    is False from every query (padding). PyTorch's fused `in_proj` of `nn.MultiheadAttention` is
+    the concatenation [Wq; Wk; Wv] of these projections.
     """
 
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, use_bias: bool,
@@ -93,7 +94,7 @@ class Attention(nnx.Module):
         self.value = dense(context_dim, dim, ("embed", "heads"), **kwargs)
         self.out = dense(dim, dim, ("heads", "embed"), **kwargs)
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
         context = x if context is None else context
 
         def split_heads(y: jax.Array) -> jax.Array:
@@ -101,7 +102,9 @@ class Attention(nnx.Module):
 
         q, k, v = split_heads(self.query(x)), split_heads(self.key(context)), split_heads(self.value(context))
         # (batch, tokens, heads, head_dim); softmax runs in float32 whatever the compute dtype.
-        attended = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        # A key mask broadcasts to the (batch, heads, queries, keys) layout of the scores.
+        mask = None if mask is None else mask[:, None, None, :]
+        attended = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         return self.out(attended.reshape(x.shape[:-1] + (-1,)))
 
 

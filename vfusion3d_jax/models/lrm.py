@@ -136,31 +136,34 @@ class TriplaneBlock(nnx.Module):
         self.norm3 = layers.ModLN(dim, cond_dim, **kwargs)
         self.mlp = layers.Mlp(dim, int(dim * mlp_ratio), **kwargs)
 
-    def __call__(self, x: jax.Array, context: jax.Array, cond: jax.Array) -> jax.Array:
-        x = x + self.cross_attention(self.norm1(x, cond), context)
+    def __call__(self, x: jax.Array, context: jax.Array, cond: jax.Array, context_mask: jax.Array | None = None
+                 ) -> jax.Array:
+        x = x + self.cross_attention(self.norm1(x, cond), context, context_mask)
         x = x + self.self_attention(self.norm2(x, cond))
         return x + self.mlp(self.norm3(x, cond))
 
 
 class TriplaneUpsampler(nnx.Module):
-    """Per-plane ConvTranspose2d(kernel 2, stride 2): out[c, 2i+a, 2j+b] = bias[c] + Σ_d x[i, j, d] W[d, a, b, c].
+    """Per-plane ConvTranspose2d(kernel f, stride f): out[c, f·i+a, f·j+b] = bias[c] + Σ_d x[i, j, d] W[d, a, b, c].
 
-    The kernel is (D, 2, 2, C) (PyTorch's (D, C, 2, 2) with the output channels last); with
-    stride = kernel the transposed convolution is one matmul and a pixel shuffle.
+    The kernel is (D, f, f, C) (PyTorch's (D, C, f, f) with the output channels last); with
+    stride = kernel the transposed convolution is one matmul and a pixel shuffle. The LRM's f is 2
+    (official); FlexRM may upsample further for denser Gaussian planes.
     """
 
-    def __init__(self, dim: int, channels: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, dim: int, channels: int, *, factor: int = 2, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.kernel = nnx.Param(layers.partitioned(nnx.initializers.lecun_normal(), "embed", None, None, "channels")(
-            rngs.params(), (dim, 2, 2, channels), param_dtype))
+            rngs.params(), (dim, factor, factor, channels), param_dtype))
         self.bias = nnx.Param(layers.partitioned(nnx.initializers.zeros_init(), "channels")(
             rngs.params(), (channels,), param_dtype))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens (N, 3, r, r, D) -> planes (N, 3, C, 2r, 2r) in float32."""
+        """tokens (N, 3, r, r, D) -> planes (N, 3, C, f·r, f·r) in float32."""
         num, planes, rows, cols, _ = tokens.shape
+        factor = self.kernel.shape[1]
         kernel = self.kernel[...].astype(tokens.dtype)
         shuffled = jnp.einsum("npijd,dabc->npciajb", tokens, kernel, preferred_element_type=jnp.float32)
-        out = shuffled.reshape(num, planes, -1, 2 * rows, 2 * cols)
+        out = shuffled.reshape(num, planes, -1, factor * rows, factor * cols)
         return out + self.bias[...].astype(jnp.float32)[:, None, None]
 
 
@@ -186,27 +189,30 @@ class TriplaneTransformer(nnx.Module):
                 rngs=layer_rngs),
             tf.num_layers, rngs)
         self.norm = layers.layer_norm(tf.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.upsampler = TriplaneUpsampler(tf.dim, config.triplane_dim, param_dtype=param_dtype, rngs=rngs)
+        self.upsampler = TriplaneUpsampler(tf.dim, config.triplane_dim, factor=config.get("upsample_factor", 2),
+                                           param_dtype=param_dtype, rngs=rngs)
 
     def tokens(self, image_features: jax.Array, cond: jax.Array, *, token_offsets: jax.Array | None = None,
+               context_mask: jax.Array | None = None,
                return_layer_outputs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Final-LayerNorm triplane tokens (N, 3·r², D) (and every layer's output (L, N, 3·r², D) if asked).
 
-        `token_offsets` (N, 3·r², D), if given, are added to the learned tokens before the first layer.
+        `token_offsets` (N, 3·r², D), if given, are added to the learned tokens before the first layer;
+        `context_mask` (N, T) bool, if given, hides the image tokens where it is False (padded views).
         """
         num = image_features.shape[0]
         x = jnp.broadcast_to(self.pos_embed[...].astype(self.dtype), (num,) + self.pos_embed.shape[1:])
         if token_offsets is not None:
             x = x + token_offsets.astype(self.dtype)
         context, cond = image_features.astype(self.dtype), cond.astype(self.dtype)
-        x, layer_outputs = layers.scan_layers(self.blocks, x, lambda block, h: block(h, context, cond),
+        x, layer_outputs = layers.scan_layers(self.blocks, x, lambda block, h: block(h, context, cond, context_mask),
                                               remat=self.remat, return_layer_outputs=return_layer_outputs,
                                               stream_axes=layers.BATCH_TOKENS)
         x = self.norm(x)
         return (x, layer_outputs) if return_layer_outputs else x
 
     def planes(self, tokens: jax.Array) -> jax.Array:
-        """Final tokens (N, 3·r², D) -> planes (N, 3, C, 2r, 2r) in float32."""
+        """Final tokens (N, 3·r², D) -> planes (N, 3, C, f·r, f·r) in float32 (f: the upsampling factor, 2)."""
         return self.upsampler(tokens.reshape(tokens.shape[0], NUM_PLANES, self.low_res, self.low_res, -1))
 
     def __call__(self, image_features: jax.Array, cond: jax.Array, token_offsets: jax.Array | None = None
