@@ -56,20 +56,21 @@ def glob(pattern: str | os.PathLike, *, recursive: bool = False) -> list[str]:
     return sorted(filesystem.unstrip_protocol(match) for match in filesystem.glob(inner))
 
 
-def is_dir(path: str | os.PathLike) -> bool:
+def _ask(path: str | os.PathLike, local, method: str):
+    """`local(path)` for a local path, else the fsspec file system's `method` on the URL's path."""
     path = os.fspath(path)
     if not is_url(path):
-        return os.path.isdir(path)
+        return local(path)
     filesystem, inner = _filesystem(path)
-    return filesystem.isdir(inner)
+    return getattr(filesystem, method)(inner)
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+    return _ask(path, os.path.isdir, "isdir")
 
 
 def is_file(path: str | os.PathLike) -> bool:
-    path = os.fspath(path)
-    if not is_url(path):
-        return os.path.isfile(path)
-    filesystem, inner = _filesystem(path)
-    return filesystem.isfile(inner)
+    return _ask(path, os.path.isfile, "isfile")
 
 
 def size_and_mtime(path: str | os.PathLike) -> tuple[int, int]:
