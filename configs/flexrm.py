@@ -18,10 +18,26 @@ with `config.render`).
         from vfusion3d_jax.models import flexrm; \
         print(flexrm.count_parameters(config_module('configs/flexrm.py').get_config('large').model))"
 
-Training is to be `config.task = "flexrm"` of the trainer (not built yet: random view counts per
-batch, noisy inputs, MSE + LPIPS + mask losses); until then the model, its renderers and the
-`.ply` export (`vfusion3d_jax/inference/ply.py`) are used from Python. Any field can be
-overridden on the command line, e.g. `--config.model.gaussians.per_texel=5`.
+Training (`config.task = "flexrm"`, vfusion3d_jax/train/flexrm_task.py, run by the project's
+trainer; `config.data`, `config.train`, `config.eval` are documented in `training_config`):
+render the built-in assets, then train; a run resumes from its newest checkpoint when started
+again. Stages go NeRF first (`FlexRM.render_nerf`), then Gaussians, as Flex3D does; each stage
+names its renderer (`config.train.stages.<stage>.renderer`).
+
+    python -m vfusion3d_jax render-data --config=configs/data.py:tiny --workdir=data/tiny
+    python -m vfusion3d_jax train --config=configs/flexrm.py:tiny --workdir=runs/flexrm_tiny
+    tensorboard --logdir=runs/flexrm_tiny/tensorboard
+
+(`tiny` on a 2-core CPU: ~13 min, 100 NeRF steps of ~1 s then 300 Gaussian steps of ~2 s.)
+
+Gaussians only (no NeRF stage), on another data folder:
+
+    python -m vfusion3d_jax train --config=configs/flexrm.py:tiny --workdir=runs/flexrm_gs \
+        --config.train.stages.nerf.num_steps=0 --config.data_dir=data/builtin
+
+The model, its renderers and the `.ply` export (`vfusion3d_jax/inference/ply.py`) are also
+used from Python. Any field can be overridden on the command line, e.g.
+`--config.model.gaussians.per_texel=5`.
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ml_collections
+from ml_collections import config_dict
 
 from vfusion3d_jax.configs import config_module
 
@@ -110,7 +127,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     tile_size, max_intersections, max_per_tile, chunk_size = _SPLAT[variant]
     config = ml_collections.ConfigDict()
     config.variant = variant
-    config.task = "flexrm"  # the trainer's task module (reserved: the task comes with the training issue)
+    config.task = "flexrm"  # the trainer's task module (vfusion3d_jax/train/flexrm_task.py)
     config.model = model_config(variant)
     config.view_resolution = view_size  # side of the input views
     # The NeRF path (FlexRM.render_nerf): fields of vfusion3d_jax.rendering.RenderOptions.
@@ -127,4 +144,112 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     ))
     # Mesh and logical-axis rules, as the LRM's (models/layers.py names; FlexRM adds none).
     config.mesh = _common().mesh_config()
+    training_config(config, variant)
     return config
+
+
+# name: global batch, (input views V, fewest valid input views), target views per example,
+#   [(stage, steps, renderer, full render side, patch side or None)], warm-up steps, LPIPS network
+#   of the loss, checkpoint/eval interval
+_TRAIN = {
+    "micro": (2, (2, 1), 2, [("nerf", 0, "nerf", 32, None), ("gaussians", 20, "gaussians", 32, None)], 5,
+              "alexnet", 10),
+    "tiny": (4, (4, 1), 4, [("nerf", 100, "nerf", 32, None), ("gaussians", 300, "gaussians", 64, None)], 20,
+             "alexnet", 100),
+    # Large: the orbits of `render-data` (configs/data.py:builtin) have 16 views, so 16 input views
+    # at most per example; 256 px crops of the 512 px renders bound the rasteriser's memory.
+    "large": (128, (16, 1), 4, [("nerf", 40_000, "nerf", 128, None), ("gaussians", 60_000, "gaussians", 512, 256)],
+              3000, "vgg16", 1000),
+}
+
+
+def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
+    """Adds `data_dir`, `config.data`, `config.train` and `config.eval` (vfusion3d_jax/train/trainer.py)."""
+    batch_size, (num_input_views, min_input_views), num_targets, stages, warmup, lpips_net, interval = _TRAIN[variant]
+    view_size, render_size, _ = _SIZES[variant][7:]
+    # Output directory of `render-data`: train and held-out shards under <data_dir>/shards/.
+    config.data_dir = "data/tiny"
+    config.data = _common().input_config()
+    config.data.mixture.rendered.glob = config.get_ref("data_dir") + "/shards/train-*.tfrecord"
+    config.data.batch_size = batch_size
+    # The encoder's views: the source view then random others of the orbit, V slots (a bucket of
+    # model.view_buckets), the first n valid with n drawn per example in [min_input_views, V].
+    config.data.num_input_views = num_input_views
+    config.data.min_input_views = min_input_views
+    config.data.source_resolution = view_size
+    config.data.num_target_views = num_targets  # the source view + others (supervision)
+    config.data.target_resolution = render_size
+
+    config.train = ml_collections.ConfigDict()
+    config.train.seed = 0  # parameter init and the per-step randomness (fold_in(seed, step))
+    # Start from another run's checkpoint instead of a random init.
+    config.train.init_checkpoint = config_dict.placeholder(str)
+    config.train.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=4e-4,
+        warmup_steps=warmup,
+        final_lr_fraction=0.0,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.05,
+        grad_clip_norm=1.0,
+        no_decay_patterns=(),
+    ))
+    config.train.ema_decay = 0.0  # 0 = no moving average of the parameters
+    # Flex3D's order: NeRF first (the LRM's volume rendering of the planes), then the Gaussians.
+    # Each stage overrides config.data fields (as the LRM's stages: render side, patch side, views,
+    # mixture) and names its `renderer`, "nerf" or "gaussians" (the task's stage option). Targets
+    # cut into patches are rendered exactly with `target_patch_cameras` at the patch side.
+    config.train.stage_order = tuple(name for name, *_ in stages)
+    config.train.stages = ml_collections.ConfigDict()
+    for name, num_steps, renderer, resolution, patch in stages:
+        config.train.stages[name] = ml_collections.ConfigDict(dict(
+            num_steps=num_steps,
+            renderer=renderer,
+            target_resolution=resolution,
+            patch_size=config_dict.placeholder(int) if patch is None else patch,
+            mixture=dict(rendered=1.0, synthetic=1.0),
+        ))
+    # Loss weights per data source (vfusion3d_jax/train/losses.py, shared with the LRM): MSE +
+    # LPIPS + the mask loss (`opacity`: the rendered alpha against the target's mask); synthetic
+    # orbits get image-level supervision only.
+    config.train.loss = ml_collections.ConfigDict(dict(
+        mse=dict(rendered=1.0, synthetic=0.0),
+        foreground_mse=dict(rendered=0.0, synthetic=0.0),
+        lpips=dict(rendered=1.0, synthetic=1.0),
+        lpips_net=lpips_net,
+        opacity=dict(rendered=1.0, synthetic=1.0),
+        tv=5e-4,  # triplane total variation
+    ))
+    # Imperfect inputs (FlexiView3D feeds generated views): with this probability per example,
+    # Gaussian noise of this std on its valid non-reference input views (the reference view, the
+    # real image, stays clean). Our values; the paper gives none.
+    config.train.input_noise = ml_collections.ConfigDict(dict(probability=0.5, std=0.05))
+    # A random background colour per example for renders and targets alike (official: white).
+    config.train.random_background = False
+    # A Gaussian render whose Gaussian-tile pairs or Gaussians per tile exceed config.splatting's
+    # capacities is incomplete: "warn" logs the setting to raise and counts the step in the
+    # metrics (splat_overflow_steps); "stop" ends the run with that message.
+    config.train.splat_overflow = "warn"
+    config.train.nonfinite = "stop"
+    config.train.stop_after = config_dict.placeholder(int)
+    config.train.checkpoint_every = interval
+    config.train.checkpoint_keep = 3
+    config.train.log_every = 10 if variant in ("micro", "tiny") else 50
+    # Rays per object marched at once in the NeRF stage; None = the renderer's backend default.
+    config.train.render_chunk_size = config_dict.placeholder(int)
+
+    # Held-out objects rendered with the Gaussians from `num_input_views` of their views (the
+    # source and others, fixed by the seed): PSNR, SSIM, LPIPS (AlexNet, at 32 px and more),
+    # foreground PSNR, silhouette IoU; grids of input views | targets | renders.
+    config.eval = ml_collections.ConfigDict(dict(
+        glob=config.get_ref("data_dir") + "/shards/holdout-*.tfrecord",
+        every=interval,  # 0 = no evaluation
+        num_batches=2 if variant in ("micro", "tiny") else 4,
+        batch_size=batch_size,
+        num_target_views=3,
+        resolution=render_size,
+        num_input_views=num_input_views,  # 1 .. data.num_input_views
+        seed=1234,
+        grid_rows=4,
+    ))

@@ -65,7 +65,9 @@ COMMANDS = {
     "inspect-data": Command("vfusion3d_jax.data.inspect", "inspect_dataset",
                             "statistics and a contact sheet of TFRecords", "PATH [--workdir=DIR]",
                             bucket_workdir=True),
-    "train": Command("vfusion3d_jax.train.trainer", "train_command", "train the triplane LRM, or (configs/mvdiffusion.py) the multi-view diffusion model",
+    "train": Command("vfusion3d_jax.train.trainer", "train_command",
+                     "train the triplane LRM, or (configs/mvdiffusion.py) the multi-view diffusion model, or "
+                     "(configs/flexrm.py) FlexRM",
                      "--workdir=DIR", config_file="lrm.py", variants=_LRM_VARIANTS, default_variant="tiny",
                      bucket_workdir=True),
     "convert": Command("vfusion3d_jax.models.convert", "convert_command",

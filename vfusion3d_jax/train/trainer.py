@@ -6,9 +6,11 @@
 What differs between models is a task module (`TASKS`, chosen by `config.task`): the model, its
 loss, its evaluation step and its image grid. `lrm_task` is the triplane LRM with VFusion3D's
 strategies (per-source losses, camera noise, opacity loss); `mvdiffusion_task` the multi-view
-video diffusion model (flow matching). The loop is shared: stages, each a phase with its own step
-count and overrides of `config.data` (e.g. 128 px renders, then 384 px patches, then fine-tuning
-on rendered 3D data only), clipped AdamW on one schedule, checkpoints, logs and evaluation.
+video diffusion model (flow matching); `flexrm_task` FlexRM (1-32 views to Gaussians). The loop is
+shared: stages, each a phase with its own step count and overrides of `config.data` (e.g. 128 px
+renders, then 384 px patches, then fine-tuning on rendered 3D data only) and of the task's stage
+options (FlexRM's renderer: NeRF, then Gaussians), clipped AdamW on one schedule, checkpoints,
+logs and evaluation.
 
 Shape first, then allocate (big_vision): the model and optimiser are built with
 `nnx.eval_shape`, their shardings derived from the parameters' logical axis names
@@ -56,8 +58,12 @@ from vfusion3d_jax.train import optimizer as optimizer_lib
 from vfusion3d_jax.train import sharding
 
 # config.task → the module that supplies NAME, INPUT_KEYS, create_model, count_parameters,
-# loss_fn, train_aux, eval_aux, make_eval_step, eval_data_config, eval_grid, summarize_eval.
-TASKS = {"lrm": "vfusion3d_jax.train.lrm_task", "mvdiffusion": "vfusion3d_jax.train.mvdiffusion_task"}
+# loss_fn, train_aux, eval_aux, make_eval_step, eval_data_config, eval_grid, summarize_eval; and
+# optionally STAGE_OPTIONS (stage fields that go to `loss_fn(config, **options)` instead of
+# config.data, e.g. FlexRM's renderer) and `step_monitor(config)` (a callable seeing each step's
+# metrics on the host before they are logged: warnings, running counts).
+TASKS = {"lrm": "vfusion3d_jax.train.lrm_task", "mvdiffusion": "vfusion3d_jax.train.mvdiffusion_task",
+         "flexrm": "vfusion3d_jax.train.flexrm_task"}
 
 
 def task_of(config: ml_collections.ConfigDict) -> ModuleType:
@@ -93,6 +99,9 @@ class Stage:
     first_step: int
     num_steps: int
     data: ml_collections.ConfigDict
+    # The task's options of this stage (its STAGE_OPTIONS), as sorted (name, value) pairs: hashable,
+    # so stages with the same options share one train step.
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def end_step(self) -> int:
@@ -101,21 +110,27 @@ class Stage:
 
 def make_stages(config: ml_collections.ConfigDict) -> list[Stage]:
     """The stages of `config.train.stage_order` with steps > 0, each with `config.data` + its overrides:
-    every field of a stage but `num_steps` and `mixture` (per-dataset weights) replaces that data field."""
+    every field of a stage but `num_steps`, `mixture` (per-dataset weights) and the task's
+    STAGE_OPTIONS (the stage's `options`) replaces that data field."""
+    task_options = set(getattr(task_of(config), "STAGE_OPTIONS", ()))
     stages, first_step = [], 0
     for name in config.train.stage_order:
         stage = config.train.stages[name]
         if stage.num_steps <= 0:
             continue
         data = ml_collections.ConfigDict(config.data.to_dict())
+        options = []
         for field, value in stage.items():
-            if field not in ("num_steps", "mixture"):
-                data[field] = tuple(value) if isinstance(value, list) else value
+            value = tuple(value) if isinstance(value, list) else value
+            if field in task_options:
+                options.append((field, value))
+            elif field not in ("num_steps", "mixture"):
+                data[field] = value
         for source in data.mixture:
             data.mixture[source].weight = stage.mixture[source]
         # A new stage reshuffles: its examples do not replay the previous stage's order.
         data.seed = config.data.seed + len(stages)
-        stages.append(Stage(len(stages), name, first_step, int(stage.num_steps), data))
+        stages.append(Stage(len(stages), name, first_step, int(stage.num_steps), data, tuple(sorted(options))))
         first_step += int(stage.num_steps)
     if not stages:
         raise ValueError("config.train.stages has no stage with num_steps > 0")
@@ -228,14 +243,15 @@ def evaluation_weights(state: TrainState) -> nnx.State:
 # --------------------------------------------------------------------------- steps
 
 
-def make_train_step(config: ml_collections.ConfigDict, state: TrainState):
+def make_train_step(config: ml_collections.ConfigDict, state: TrainState, options: tuple = ()):
     """The jitted step `(model_state, optimizer_state, ema_state, batch, aux, step) → (the three
     states, metrics)`, where `aux` is what the task's loss needs besides the batch (`task.train_aux`,
-    e.g. LPIPS weights) and `ema_state` is None in a run without EMA.
+    e.g. LPIPS weights) and `ema_state` is None in a run without EMA; `options` are a stage's
+    (`Stage.options`), passed to the task's `loss_fn`.
 
     States are donated. Shapes come from the batch, so each stage compiles its own program, once.
     """
-    loss_fn = task_of(config).loss_fn(config)
+    loss_fn = task_of(config).loss_fn(config, **dict(options))
     trainable = nnx.DiffState(0, state.trainable)  # frozen: no gradient
     seed, ema_decay = config.train.seed, ema_decay_of(config)
     schedule = optimizer_lib.learning_rate_schedule(config.train.optimizer, total_steps(config))
@@ -375,8 +391,10 @@ class _StepReporter:
     right after dispatching a step (the next batch is prepared meanwhile).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, log: MetricsLog, progress: tqdm.tqdm, batch_size: int):
+    def __init__(self, config: ml_collections.ConfigDict, log: MetricsLog, progress: tqdm.tqdm, batch_size: int,
+                 monitor=None):
         self.config = config
+        self.monitor = monitor  # the task's step_monitor, or None
         self.log = log
         self.progress = progress
         self.batch_size = batch_size
@@ -413,6 +431,8 @@ class _StepReporter:
                 raise NonFiniteLossError(message)
             self.skipped += 1
             logging.warning("%s (skipped %d so far)", message, self.skipped)
+        if self.monitor is not None:
+            self.monitor(done, values)
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{values['loss']:.4f}", step_s=f"{step_time:.2f}",
                                   ex_s=f"{self.batch_size / max(step_time, 1e-9):.1f}", refresh=False)
@@ -483,7 +503,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     nnx.filter_state(state.model_shardings, base))
                 state = start_ema(dataclasses.replace(state, model_state=nnx.merge_state(state.model_state, restored)))
 
-        train_step = make_train_step(config, state)
+        train_steps = {}  # per stage options (one for a task without STAGE_OPTIONS)
+
+        def train_step_of(stage: Stage):
+            if stage.options not in train_steps:
+                train_steps[stage.options] = make_train_step(config, state, stage.options)
+            return train_steps[stage.options]
+
         eval_step = make_eval_step(config, state, mesh, rules)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         train_aux = jax.device_put(task.train_aux(config), replicated)
@@ -492,7 +518,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         log = MetricsLog(workdir)
         progress = tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
                              disable=jax.process_index() != 0, dynamic_ncols=True)
-        reporter = _StepReporter(config, log, progress, config.data.batch_size)
+        monitor = task.step_monitor(config) if hasattr(task, "step_monitor") else None
+        reporter = _StepReporter(config, log, progress, config.data.batch_size, monitor)
         skips = pipeline.SkippedRecordTally()
         if start_step and (workdir / SUMMARY_FILE).exists():
             skips.merge(json.loads((workdir / SUMMARY_FILE).read_text()).get("corrupt_records_skipped", {}))
@@ -506,14 +533,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if step == stage.end_step:
                     stage = stage_at(stages, step)
                     iterator = pipeline.make_iterator(stage.data)
-                    logging.info("stage %s from step %d: %s", stage.name, step, stage.data.to_dict())
+                    logging.info("stage %s from step %d: %s %s", stage.name, step, stage.data.to_dict(),
+                                 dict(stage.options))
                 host_batch = next(iterator)
                 for record in skips.update(host_batch, stage.data):
                     logging.warning("skipped corrupt record %s (%d records, %d reads so far)", record,
                                     skips.records, skips.times)
                 reporter.corrupt_skipped = skips.times
                 batch = pipeline.to_global_arrays(model_inputs(config, host_batch), mesh, batch_spec)
-                state.model_state, state.optimizer_state, state.ema_state, step_metrics = train_step(
+                state.model_state, state.optimizer_state, state.ema_state, step_metrics = train_step_of(stage)(
                     state.model_state, state.optimizer_state, state.ema_state, batch, train_aux, jnp.uint32(step))
                 reporter.push(step, step_metrics)
                 done = step + 1
