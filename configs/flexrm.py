@@ -92,8 +92,10 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     config = _lrm().model_config(lrm_variant)
     if depths is not None:
         config.encoder.num_layers, config.transformer.num_layers = depths
-    # The LRM's single-view source projection has no multi-view counterpart here.
-    del config.source_projection
+    # The LRM tiny's recipe (issue 10): each triplane token starts from the image feature where its
+    # centre projects, here averaged over the valid views (FlexRM.encode_views); zero-initialised.
+    # Off for large, which keeps the published architecture until a pod run says otherwise.
+    config.source_projection = variant in ("micro", "tiny")
     config.triplane_dim = channels
     # The transformer's r² tokens per plane become (factor·r)² texels through a stride = kernel
     # deconvolution (the LRM's is 2): the Gaussian head's grid.

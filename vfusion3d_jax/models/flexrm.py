@@ -49,6 +49,7 @@ from vfusion3d_jax.models.lrm import (
     DEFAULT_RENDER_OPTIONS,
     SOURCE_CAMERA_DIM,
     CameraEmbedder,
+    SourceProjection,
     TriplaneTransformer,
     triplane_token_points,
 )
@@ -276,13 +277,19 @@ class FlexRM(nnx.Module):
             kernel_init=layers.partitioned(nnx.initializers.zeros_init(), None, "embed"),
             bias_init=layers.partitioned(nnx.initializers.zeros_init(), "embed"), rngs=rngs)
         self.transformer = TriplaneTransformer(config, **kwargs)
+        self.source_projection = SourceProjection(
+            config.triplane_low_res, self.patch_size, self.num_prefix_tokens, config.encoder.dim,
+            config.transformer.dim, **kwargs) if config.get("source_projection") else None
         self.decoder = TriplaneDecoder(config.triplane_dim, config.decoder.hidden_dim, config.decoder.num_layers,
                                        **kwargs)
         self.gaussian_head = GaussianHead(config.triplane_dim, config.gaussians, **kwargs)
 
     def encode_views(self, images: jax.Array, cameras: jax.Array, view_mask: jax.Array
-                     ) -> tuple[jax.Array, jax.Array]:
-        """Views -> the cross-attention context (B, V·T, D_enc) and its key mask (B, V·T)."""
+                     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """Views -> the cross-attention context (B, V·T, D_enc), its key mask (B, V·T) and, with
+        `source_projection`, the triplane tokens' start (B, 3·r², D): each view's `SourceProjection`
+        (the image feature where a token's centre projects, weighted by how squarely its plane faces
+        that view), averaged over the valid views."""
         num, views = images.shape[:2]
         if views not in self.view_buckets:
             raise ValueError(f"{views} views is not a bucket of {self.view_buckets}; pad them with pad_views")
@@ -290,6 +297,12 @@ class FlexRM(nnx.Module):
         images = jnp.where(valid[:, :, None, None, None], images, 0.0)
         cameras = jnp.where(valid[:, :, None], cameras, cameras[:, :1]).astype(jnp.float32)
         tokens = self.encoder(images.reshape((num * views,) + images.shape[2:]))  # (B·V, T, D)
+        offsets = None
+        if self.source_projection is not None:
+            per_view = self.source_projection(tokens, images.shape[-2:], cameras.reshape(num * views, -1))
+            per_view = per_view.reshape((num, views) + per_view.shape[1:])
+            weights = valid.astype(per_view.dtype)[:, :, None, None]
+            offsets = jnp.sum(per_view * weights, axis=1) / jnp.sum(weights, axis=1)
         origins, directions = patch_rays(cameras.reshape(num * views, SOURCE_CAMERA_DIM), images.shape[-2:],
                                          self.patch_size)
         rays = self.plucker_embed(plucker_rays(origins, directions).astype(tokens.dtype))
@@ -297,14 +310,15 @@ class FlexRM(nnx.Module):
         rays = jnp.pad(rays, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
         tokens = (tokens + rays).reshape(num, -1, tokens.shape[-1])
         mask = jnp.repeat(valid, tokens.shape[1] // views, axis=1)
-        return constrain(tokens, layers.BATCH_TOKENS), mask
+        return constrain(tokens, layers.BATCH_TOKENS), mask, offsets
 
     def forward_planes(self, images: jax.Array, cameras: jax.Array, view_mask: jax.Array) -> jax.Array:
         """images (B, V, 3, H, W) in [0, 1], cameras (B, V, 16), view_mask (B, V) bool (view 0 the
         reference, always valid) -> planes (B, 3, C, R, R) float32."""
-        context, mask = self.encode_views(images, cameras, view_mask)
+        context, mask, offsets = self.encode_views(images, cameras, view_mask)
         cond = self.camera_embedder(cameras[:, 0].astype(jnp.float32))
-        return self.transformer.planes(self.transformer.tokens(context, cond, context_mask=mask))
+        return self.transformer.planes(self.transformer.tokens(context, cond, token_offsets=offsets,
+                                                               context_mask=mask))
 
     def gaussians(self, planes: jax.Array) -> Gaussians:
         return self.gaussian_head(planes)
