@@ -75,6 +75,24 @@ def single_device_mesh():
 
 
 
+def write_orbit_folder(root: Path, splits: dict[str, tuple[int, int]], *, num_views: int, resolution: int,
+                       seed: int = 0, source=lambda index: "rendered") -> Path:
+    """A `render-data`-like folder of random orbits: root/shards/<split>-<k>-of-<n>.tfrecord, where
+    splits[split] = (n shards, orbits per shard), drawn from one generator in split, shard, orbit
+    order; `source(i)` names the i-th orbit of a shard's `object/source`."""
+    from vfusion3d_jax.data import example, tfrecord
+
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, (shards, per_shard) in splits.items():
+        for shard in range(shards):
+            with tfrecord.TFRecordWriter(root / "shards" / f"{split}-{shard:05d}-of-{shards:05d}.tfrecord") as writer:
+                for index in range(per_shard):
+                    writer.write(example.encode_orbit(**example.random_orbit(
+                        rng, num_views=num_views, resolution=resolution, source=source(index))))
+    return root
+
+
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """`python -m vfusion3d_jax ARGS` in a subprocess on one CPU device, as a user runs it (the tests'
     8 fake devices are for sharding)."""

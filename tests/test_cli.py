@@ -14,12 +14,11 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, write_orbit_folder
 
 from vfusion3d_jax import errors
-from vfusion3d_jax.data import example, tfrecord
+from vfusion3d_jax.data import tfrecord
 from vfusion3d_jax.main import COMMANDS
 
 SHARDS, RECORDS_PER_SHARD = 2, 3
@@ -47,15 +46,9 @@ def _error_line(result) -> str:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A `render-data`-like folder: shards/train-0000{0,1}-of-00002.tfrecord (3 orbits each), one held-out shard."""
-    root = tmp_path_factory.mktemp("orbits")
-    (root / "shards").mkdir()
-    rng = np.random.default_rng(0)
-    for split, shards in (("train", SHARDS), ("holdout", 1)):
-        for shard in range(shards):
-            with tfrecord.TFRecordWriter(root / "shards" / f"{split}-{shard:05d}-of-{shards:05d}.tfrecord") as writer:
-                for _ in range(RECORDS_PER_SHARD):
-                    writer.write(example.encode_orbit(**example.random_orbit(rng, num_views=6, resolution=32)))
-    return root
+    return write_orbit_folder(tmp_path_factory.mktemp("orbits"),
+                              {"train": (SHARDS, RECORDS_PER_SHARD), "holdout": (1, RECORDS_PER_SHARD)},
+                              num_views=6, resolution=32)
 
 
 def _damaged_copy(data_dir, tmp_path, *, flip: tuple[int, int] | None = None, truncate_shard: int | None = None):

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import logging
-from conftest import run_cli
+from conftest import run_cli, write_orbit_folder
 
 from vfusion3d_jax import cameras
 from vfusion3d_jax.configs import load_config
-from vfusion3d_jax.data import example, pipeline, tfrecord
+from vfusion3d_jax.data import pipeline
 from vfusion3d_jax.models import flexrm
 from vfusion3d_jax.models.flexrm import Gaussians
 from vfusion3d_jax.rendering import splatting
@@ -39,14 +39,8 @@ MICRO_TRAINING = (
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A `render-data`-like folder: 6 training orbits and 2 held-out ones of 6 views, 32 px."""
-    root = tmp_path_factory.mktemp("orbits")
-    (root / "shards").mkdir()
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("holdout", 2)):
-        with tfrecord.TFRecordWriter(root / "shards" / f"{split}-00000-of-00001.tfrecord") as writer:
-            for _ in range(count):
-                writer.write(example.encode_orbit(**example.random_orbit(rng, num_views=6, resolution=32)))
-    return root
+    return write_orbit_folder(tmp_path_factory.mktemp("orbits"), {"train": (1, 6), "holdout": (1, 2)},
+                              num_views=6, resolution=32)
 
 
 def _records(workdir, split: str) -> list[dict]:

@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import WAN_FIXTURE_DIR, first_batch, init_train_state, single_device_mesh
+from conftest import WAN_FIXTURE_DIR, first_batch, init_train_state, single_device_mesh, write_orbit_folder
 from flax import nnx
 from flax.nnx import traversals
 
 from vfusion3d_jax import diffusion
 from vfusion3d_jax.configs import load_config
-from vfusion3d_jax.data import example, pipeline, tfrecord
+from vfusion3d_jax.data import pipeline
 from vfusion3d_jax.inference import sample
 from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion
 from vfusion3d_jax.models.wan import convert as wan_convert
@@ -29,14 +29,8 @@ NUM_VIEWS = 6
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Two made-up orbits to train on (and to memorise), one held out."""
-    root = tmp_path_factory.mktemp("orbits")
-    (root / "shards").mkdir()
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 2), ("holdout", 1)):
-        with tfrecord.TFRecordWriter(root / "shards" / f"{split}-00000-of-00001.tfrecord") as writer:
-            for _ in range(count):
-                writer.write(example.encode_orbit(**example.random_orbit(rng, num_views=NUM_VIEWS, resolution=16)))
-    return str(root)
+    return str(write_orbit_folder(tmp_path_factory.mktemp("orbits"), {"train": (1, 2), "holdout": (1, 1)},
+                                  num_views=NUM_VIEWS, resolution=16))
 
 
 def small_config(data_dir: str, **overrides):

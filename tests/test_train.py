@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import first_batch, init_train_state, single_device_mesh
+from conftest import first_batch, init_train_state, single_device_mesh, write_orbit_folder
 from flax import nnx
 from skimage.metrics import structural_similarity
 
 from vfusion3d_jax import cameras
 from vfusion3d_jax.configs import load_config
-from vfusion3d_jax.data import example, pipeline, tfrecord
+from vfusion3d_jax.data import example, pipeline
 from vfusion3d_jax.models import LRM, convert
 from vfusion3d_jax.train import checkpointing, losses, lrm_task, metrics, optimizer, sharding, trainer
 
@@ -32,16 +32,9 @@ NUM_TRAIN, NUM_HELD_OUT = 8, 4
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A `render-data`-like directory: shards/train-*.tfrecord and shards/holdout-*.tfrecord."""
-    root = tmp_path_factory.mktemp("orbits")
-    (root / "shards").mkdir()
-    rng = np.random.default_rng(0)
-    for split, count in (("train", NUM_TRAIN), ("holdout", NUM_HELD_OUT)):
-        with tfrecord.TFRecordWriter(root / "shards" / f"{split}-00000-of-00001.tfrecord") as writer:
-            for i in range(count):
-                source = "synthetic" if i % 2 else "rendered"
-                writer.write(example.encode_orbit(**example.random_orbit(rng, num_views=6, resolution=32,
-                                                                         source=source)))
-    return str(root)
+    return str(write_orbit_folder(tmp_path_factory.mktemp("orbits"),
+                                  {"train": (1, NUM_TRAIN), "holdout": (1, NUM_HELD_OUT)}, num_views=6, resolution=32,
+                                  source=lambda i: "synthetic" if i % 2 else "rendered"))
 
 
 def small_config(data_dir: str, **overrides):
