@@ -194,16 +194,13 @@ def make_eval_step(config: ml_collections.ConfigDict, model_graphdef, mesh: jax.
                                                        settings)
         images = jnp.clip(images, 0.0, 1.0)
         flat = lambda z: z.reshape((-1,) + z.shape[2:])
-        if min(targets.shape[2:4]) < metrics.LPIPS_MIN_SIZE[metrics.EVAL_LPIPS_NET]:
-            lpips_params = None  # too small for the network's pooling: no LPIPS rather than an error
+        lpips_params = metrics.lpips_params_for_size(lpips_params, min(targets.shape[2:4]))
         values = metrics.image_metrics(flat(images), flat(targets), lpips_params, opacity=flat(alphas),
                                        masks=flat(masks))
         values["splat_overflow"] = jnp.any(info["overflow"], axis=1).astype(jnp.float32)
         return values, jnp.concatenate([grid_inputs(batch, used, targets.shape[2]), images], axis=1)
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    by_example = jax.sharding.NamedSharding(mesh, sharding.batch_spec(rules))
-    return jax.jit(eval_step, out_shardings=(replicated, by_example))
+    return sharding.jit_eval_step(eval_step, mesh, rules)
 
 
 def grid_inputs(batch: dict[str, jax.Array], used: jax.Array, size: int) -> jax.Array:

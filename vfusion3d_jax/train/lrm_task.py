@@ -180,8 +180,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model_graphdef, mesh: jax.
             return jnp.nanmean(values.reshape(targets.shape[:2]), axis=1)
 
         images, opacity = render(planes)
-        if min(targets.shape[2:4]) < metrics.LPIPS_MIN_SIZE[metrics.EVAL_LPIPS_NET]:
-            lpips_params = None  # too small for the network's pooling: no LPIPS rather than an error
+        lpips_params = metrics.lpips_params_for_size(lpips_params, min(targets.shape[2:4]))
         values = metrics.image_metrics(flat(images), flat(targets), lpips_params, opacity=flat(opacity),
                                        masks=flat(masks))
         if num_swaps:
@@ -197,9 +196,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model_graphdef, mesh: jax.
                 options=options)
         return values, images
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    by_example = jax.sharding.NamedSharding(mesh, sharding.batch_spec(rules))
-    return jax.jit(eval_step, out_shardings=(replicated, by_example))
+    return sharding.jit_eval_step(eval_step, mesh, rules)
 
 
 def eval_grid(host_batch: dict[str, np.ndarray], renders: np.ndarray, rows: int) -> np.ndarray:

@@ -163,6 +163,12 @@ def silhouette_iou(opacity: jax.Array, masks: jax.Array, threshold: float = 0.5)
     return jnp.where(union > 0, intersection / jnp.maximum(union, 1.0), 1.0)
 
 
+def lpips_params_for_size(lpips_params: dict[str, Any] | None, size: int) -> dict[str, Any] | None:
+    """`lpips_params` (of EVAL_LPIPS_NET), or None for images smaller than its pooling takes: the
+    evaluations then report no LPIPS rather than fail."""
+    return lpips_params if size >= LPIPS_MIN_SIZE[EVAL_LPIPS_NET] else None
+
+
 def image_metrics(images: jax.Array, references: jax.Array, lpips_params: dict[str, Any] | None = None, *,
                   opacity: jax.Array | None = None, masks: jax.Array | None = None) -> dict[str, jax.Array]:
     """PSNR, SSIM and, when `lpips_params` (of EVAL_LPIPS_NET) are given, LPIPS per image: the

@@ -163,9 +163,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model_graphdef, mesh: jax.
         values["iou"] = metrics.silhouette_iou(silhouette, flat(batch["clip_masks"])).reshape(batch_size, -1).mean(1)
         return values, pixels
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    by_example = jax.sharding.NamedSharding(mesh, sharding.batch_spec(rules))
-    return jax.jit(eval_step, out_shardings=(replicated, by_example))
+    return sharding.jit_eval_step(eval_step, mesh, rules)
 
 
 def eval_grid(host_batch: dict[str, np.ndarray], samples: np.ndarray, rows: int) -> np.ndarray:

@@ -141,6 +141,14 @@ def batch_spec(rules: LogicalRules, logical_axis: str = "batch") -> PartitionSpe
     return PartitionSpec(mesh_axes)
 
 
+def jit_eval_step(eval_step, mesh: Mesh, rules: LogicalRules):
+    """`eval_step` (→ metrics, per-example outputs) jitted with its metrics replicated and its
+    outputs split by example, as every task's evaluation returns them."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_example = NamedSharding(mesh, batch_spec(rules))
+    return jax.jit(eval_step, out_shardings=(replicated, by_example))
+
+
 def data_parallel_size(mesh_shape: Mapping[str, int], rules: LogicalRules) -> int:
     """How many ways the batch is split on a mesh of these axis sizes (`mesh.shape`, or a plan's
     without devices): the global batch size must be a multiple of it."""
