@@ -2,7 +2,7 @@
 
 Variants (parameter counts from `vfusion3d_jax.models.lrm.count_parameters`):
     fixture   the tiny random model of tests/fixtures/vfusion3d_reference (285,436)
-    tiny      trains on a laptop CPU in minutes                              (794,708)
+    tiny      trains on a laptop CPU in minutes                              (796,164)
     small     DINOv2-S encoder, 512-wide transformer                         (67,960,932)
     base      DINOv2-B encoder, 768-wide transformer                         (244,548,340)
     large     the published VFusion3D model                                  (452,135,700)
@@ -102,6 +102,10 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
         # On for `tiny`, which trains from scratch in minutes and needs it to learn shape from its
         # input (benchmarks/RESULTS.md); off for the variants of the official architecture.
         source_projection=variant == "tiny",
+        # The same projection at the planes' resolution, added to the upsampled planes (a skip that
+        # brings the input's colours and outline straight to the decoder; zero-initialised). On for
+        # `tiny` with the projection (benchmarks/RESULTS.md, "Does the LRM use its input?").
+        source_planes=variant == "tiny",
         # The official triplane decoder MLP: 3C -> 64 -> 64 -> 64 -> 4 (fixed in VFusion3D).
         decoder=dict(hidden_dim=64, num_layers=4),
         # Compute dtype of matmuls ("float32" or "bfloat16"); parameters are always param_dtype.

@@ -359,12 +359,44 @@ def test_bilinear_sample_matches_map_coordinates_with_zero_padding():
             assert_close(sampled[n, :, d], expected)
 
 
-def test_source_projection_starts_at_zero_and_learns():
-    config = load_config("lrm.py:fixture", model__source_projection=True).model
+@pytest.mark.parametrize("field", ["source_projection", "source_planes"])
+def test_source_projection_starts_at_zero_and_learns(field):
+    config = load_config("lrm.py:fixture", **{f"model__{field}": True}).model
     model = lrm.LRM(config, rngs=nnx.Rngs(0))
     images = jax.random.uniform(jax.random.key(0), (2, 3, 64, 64))
     source = jnp.asarray(cameras_lib.canonical_source_camera())[None].repeat(2, 0)
     without = model.transformer(model.encode_image(images), model.embed_camera(source))
     assert_close(model.forward_planes(images, source), without)
     grads = nnx.grad(lambda m: jnp.sum(m.forward_planes(images, source) ** 2))(model)
-    assert np.abs(np.asarray(grads.source_projection.proj.kernel[...])).max() > 0
+    assert np.abs(np.asarray(getattr(grads, field).proj.kernel[...])).max() > 0
+
+
+def test_source_planes_put_the_input_colour_on_the_plane_facing_the_camera():
+    """Left two patch columns of the image red, the rest white; with the skip's kernel passing the
+    colours into channels 0-2, the facing plane's texels are red where they project onto red
+    patches and white where they project onto white ones, scaled by how squarely the plane faces."""
+    config = load_config("lrm.py:fixture", model__source_planes=True).model
+    model = lrm.LRM(config, rngs=nnx.Rngs(0))
+    kernel = np.zeros(model.source_planes.proj.kernel.shape, np.float32)
+    kernel[-3:, :3] = np.eye(3)
+    model.source_planes.proj.kernel[...] = jnp.asarray(kernel)
+    size, patch = 64, config.encoder.patch_size
+    images = np.ones((1, 3, size, size), np.float32)
+    images[:, 1:, :, :2 * patch] = 0.0
+    source = jnp.asarray(cameras_lib.canonical_source_camera())[None]
+    without = model.transformer(model.encode_image(jnp.asarray(images)), model.embed_camera(source))
+    skip = np.asarray(model.forward_planes(jnp.asarray(images), source) - without)  # (1, 3, C, R, R)
+    side = skip.shape[-1]
+    uv = np.asarray(lrm.project_to_source(jnp.asarray(lrm.triplane_token_points(side)), source))[0]
+    cells = uv.reshape(3, side, side, 2) * size / patch - 0.5  # patch-grid coordinates
+    view_axis = np.asarray(source)[0, :12].reshape(3, 4)[:, 2]
+    facing = np.abs(lrm.PLANE_NORMALS @ view_axis) / np.linalg.norm(view_axis)
+    plane = int(np.argmax(facing))
+    cells, colours = cells[plane], skip[0, plane, :3] / facing[plane]
+    rows_inside = (cells[..., 1] >= 0) & (cells[..., 1] <= size // patch - 1)
+    red_cells = rows_inside & (cells[..., 0] >= 0) & (cells[..., 0] <= 1)
+    white_cells = rows_inside & (cells[..., 0] >= 2) & (cells[..., 0] <= size // patch - 1)
+    assert red_cells.sum() >= 3 and white_cells.sum() >= 3
+    np.testing.assert_allclose(colours[0][red_cells | white_cells], 1.0, atol=1e-4)
+    np.testing.assert_allclose(colours[1][red_cells], 0.0, atol=1e-4)
+    np.testing.assert_allclose(colours[1][white_cells], 1.0, atol=1e-4)

@@ -296,10 +296,11 @@ class FlexRM(nnx.Module):
         valid = view_mask.astype(bool)
         images = jnp.where(valid[:, :, None, None, None], images, 0.0)
         cameras = jnp.where(valid[:, :, None], cameras, cameras[:, :1]).astype(jnp.float32)
-        tokens = self.encoder(images.reshape((num * views,) + images.shape[2:]))  # (B·V, T, D)
+        flat_images = images.reshape((num * views,) + images.shape[2:])
+        tokens = self.encoder(flat_images)  # (B·V, T, D)
         offsets = None
         if self.source_projection is not None:
-            per_view = self.source_projection(tokens, images.shape[-2:], cameras.reshape(num * views, -1))
+            per_view = self.source_projection(tokens, flat_images, cameras.reshape(num * views, -1))
             per_view = per_view.reshape((num, views) + per_view.shape[1:])
             weights = valid.astype(per_view.dtype)[:, :, None, None]
             offsets = jnp.sum(per_view * weights, axis=1) / jnp.sum(weights, axis=1)

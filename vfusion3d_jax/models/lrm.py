@@ -9,7 +9,9 @@
 With `source_projection` on (this project's addition, off for the official variants), each
 triplane token starts from its learned embedding plus the image feature where the token's centre
 projects into the source view (`SourceProjection`): the frontal silhouette and colours reach the
-right tokens at step 0 instead of after cross-attention has learned where to look.
+right tokens at step 0 instead of after cross-attention has learned where to look. With
+`source_planes`, the same projection at the planes' own resolution is added to the upsampled
+planes, a skip that brings the input's colours and outline to the decoder at full resolution.
 
 Numerically equal to the official `LRMGenerator` (see tests/fixtures/vfusion3d_reference);
 `vfusion3d_jax.models.convert` imports its weights. Images are channel-first (NCHW) like the
@@ -90,34 +92,39 @@ PLANE_NORMALS = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], np
 
 
 class SourceProjection(nnx.Module):
-    """Triplane tokens' pixel-aligned start: Linear(image feature at each token centre's projection),
-    weighted per plane by how squarely the plane faces the source camera (|cos| of normal and view axis).
+    """Pixel-aligned triplane features: Linear(image feature and mean colour of the patch at each cell
+    centre's projection into the source view), weighted per plane by how squarely the plane faces the
+    source camera (|cos| of normal and view axis).
 
-    A plane seen edge-on would copy one image column along the depth of the whole box (streaks
-    that the decoder must unlearn); the plane facing the camera gets the image one to one. The
-    kernel starts at zero, so the model computes what the model without it computes until
+    Used at two resolutions: on the triplane tokens (r², the transformer's start) and on the planes
+    themselves (f·r², added to the upsampler's output), where the colour reaches the decoder
+    directly. A plane seen edge-on would copy one image column along the depth of the whole box
+    (streaks that the decoder must unlearn); the plane facing the camera gets the image one to one.
+    The kernel starts at zero, so the model computes what the model without it computes until
     training moves it (an imported model is unchanged); its gradient is not zero.
     """
 
-    def __init__(self, low_res: int, patch_size: int, num_prefix_tokens: int, context_dim: int, dim: int, *,
+    def __init__(self, resolution: int, patch_size: int, num_prefix_tokens: int, context_dim: int, dim: int, *,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.low_res, self.patch_size, self.num_prefix_tokens = low_res, patch_size, num_prefix_tokens
-        self.proj = nnx.Linear(context_dim, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        self.resolution, self.patch_size, self.num_prefix_tokens = resolution, patch_size, num_prefix_tokens
+        self.proj = nnx.Linear(context_dim + 3, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                kernel_init=layers.partitioned(nnx.initializers.zeros_init(), None, "embed"),
                                rngs=rngs)
 
-    def __call__(self, image_features: jax.Array, image_size: tuple[int, int], source_cameras: jax.Array
-                 ) -> jax.Array:
-        """Image tokens (N, prefix + h·w, D_enc) of (H, W) images -> token offsets (N, 3·r², D)."""
-        height, width = image_size
-        rows, cols = height // self.patch_size, width // self.patch_size
-        grid = image_features[:, self.num_prefix_tokens:].reshape(-1, rows, cols, image_features.shape[-1])
+    def __call__(self, image_features: jax.Array, images: jax.Array, source_cameras: jax.Array) -> jax.Array:
+        """Image tokens (N, prefix + h·w, D_enc) of images (N, 3, H, W) -> per-cell features (N, 3·R², D)."""
+        num, _, height, width = images.shape
+        size = self.patch_size
+        rows, cols = height // size, width // size
+        grid = image_features[:, self.num_prefix_tokens:].reshape(num, rows, cols, image_features.shape[-1])
+        colours = images[:, :, :rows * size, :cols * size].reshape(num, 3, rows, size, cols, size).mean((3, 5))
+        grid = jnp.concatenate([grid, jnp.moveaxis(colours, 1, -1).astype(grid.dtype)], axis=-1)
         source_cameras = source_cameras.astype(jnp.float32)
-        uv = project_to_source(jnp.asarray(triplane_token_points(self.low_res)), source_cameras)
-        cells = uv * jnp.array([width, height], jnp.float32) / self.patch_size - 0.5
+        uv = project_to_source(jnp.asarray(triplane_token_points(self.resolution)), source_cameras)
+        cells = uv * jnp.array([width, height], jnp.float32) / size - 0.5
         view_axes = source_cameras[:, :12].reshape(-1, 3, 4)[:, :, 2]  # the camera's z axis in the world
         facing = jnp.abs(view_axes @ jnp.asarray(PLANE_NORMALS).T) / jnp.linalg.norm(view_axes, axis=-1, keepdims=True)
-        weights = jnp.repeat(facing, self.low_res**2, axis=1)[..., None]  # (N, 3·r², 1)
+        weights = jnp.repeat(facing, self.resolution**2, axis=1)[..., None]  # (N, 3·R², 1)
         return self.proj(bilinear_sample(grid, cells) * weights.astype(grid.dtype))
 
 
@@ -234,9 +241,13 @@ class LRM(nnx.Module):
                                          attention_implementation=config.attention_implementation, **kwargs)
         self.camera_embedder = CameraEmbedder(config.camera_embed_dim, **kwargs)
         self.transformer = TriplaneTransformer(config, **kwargs)
+        projection = (config.encoder.patch_size, 1 + config.encoder.num_register_tokens, config.encoder.dim)
         self.source_projection = SourceProjection(
-            config.triplane_low_res, config.encoder.patch_size, 1 + config.encoder.num_register_tokens,
-            config.encoder.dim, config.transformer.dim, **kwargs) if config.get("source_projection") else None
+            config.triplane_low_res, *projection, config.transformer.dim,
+            **kwargs) if config.get("source_projection") else None
+        self.source_planes = SourceProjection(
+            config.get("upsample_factor", 2) * config.triplane_low_res, *projection, config.triplane_dim,
+            **kwargs) if config.get("source_planes") else None
         self.decoder = TriplaneDecoder(config.triplane_dim, config.decoder.hidden_dim, config.decoder.num_layers,
                                        **kwargs)
 
@@ -252,8 +263,13 @@ class LRM(nnx.Module):
         """Images (N, 3, H, W) in [0, 1] and source cameras (N, 16) -> planes (N, 3, C, 2r, 2r) float32."""
         image_features = self.encode_image(images)
         offsets = (None if self.source_projection is None
-                   else self.source_projection(image_features, images.shape[-2:], source_cameras))
-        return self.transformer(image_features, self.embed_camera(source_cameras), offsets)
+                   else self.source_projection(image_features, images, source_cameras))
+        planes = self.transformer(image_features, self.embed_camera(source_cameras), offsets)
+        if self.source_planes is not None:
+            skip = self.source_planes(image_features, images, source_cameras).astype(jnp.float32)
+            side = planes.shape[-1]
+            planes = planes + jnp.moveaxis(skip.reshape(planes.shape[0], NUM_PLANES, side, side, -1), -1, 2)
+        return planes
 
     def __call__(self, images: jax.Array, source_cameras: jax.Array, render_cameras: jax.Array, *,
                  resolution: int, options: RenderOptions = DEFAULT_RENDER_OPTIONS, key: jax.Array | None = None,
