@@ -19,7 +19,7 @@ demo: setup
 	$(PY) -m vfusion3d_jax demo --workdir=$(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --durations=15
 
 test-all: setup
 	$(PY) -m pytest -n 2 -m ""
