@@ -2,9 +2,9 @@
 
 Variants (parameter counts from `vfusion3d_jax.models.flexrm.count_parameters`; Gaussians
 N = 3 planes · R² texels · G per texel, R = triplane_low_res · upsample_factor):
-    micro    the tests' model: 56 px views, planes 8², G=2       (170,616 parameters; 384 Gaussians)
+    micro    the tests' model: 56 px views, planes 8², G=2       (174,288 parameters; 384 Gaussians)
     tiny     trains on a laptop CPU: 112 px views, planes 16², G=2, 64 px renders
-                                                                  (806,528 parameters; 1,536 Gaussians)
+                                                                  (817,248 parameters; 1,536 Gaussians)
     large    the LRM large's encoder and transformer, planes 128² (deconvolution factor 4), G=20,
              512 px views and renders                             (453,187,500 parameters; 983,040 Gaussians)
 
@@ -92,10 +92,11 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     config = _lrm().model_config(lrm_variant)
     if depths is not None:
         config.encoder.num_layers, config.transformer.num_layers = depths
-    # The LRM tiny's recipe (issue 10): each triplane token starts from the image feature where its
-    # centre projects, here averaged over the valid views (FlexRM.encode_views); zero-initialised.
-    # Off for large, which keeps the published architecture until a pod run says otherwise.
-    config.source_projection = variant in ("micro", "tiny")
+    # The LRM tiny's recipe (issue 10): each triplane token starts from the image feature (and
+    # colour) where its centre projects, and the planes get the same at their own resolution, here
+    # averaged over the valid views (FlexRM.encode_views); zero-initialised. Off for large, which
+    # keeps the published architecture until a pod run says otherwise.
+    config.source_projection = config.source_planes = variant in ("micro", "tiny")
     config.triplane_dim = channels
     # The transformer's r² tokens per plane become (factor·r)² texels through a stride = kernel
     # deconvolution (the LRM's is 2): the Gaussian head's grid.

@@ -3,10 +3,14 @@
 The model, its input size and its render samples come from the checkpoint (its stored config);
 these are the settings of the job. Variants:
     infer     turntable video (MP4 + GIF), novel-view sheet and coloured mesh (.glb + .obj) per image
+    flexiview FlexiView3D: candidate views from the diffusion model, the consistent ones chosen,
+              FlexRM's Gaussians (.ply), turntable and sheet per image (inference/flexiview.py)
     evaluate  metrics of held-out orbits: PSNR / SSIM / LPIPS per object, Chamfer distance of meshes
 
     python -m vfusion3d_jax infer --checkpoint=runs/lrm_tiny --inputs=photos/ --workdir=runs/infer \
         [--config=configs/infer.py --config.render_size=384 --config.num_frames=160]
+    python -m vfusion3d_jax infer --config=configs/infer.py:flexiview --checkpoint=runs/flexrm_tiny \
+        --config.diffusion_checkpoint=runs/mvdiffusion_tiny --inputs=photos/ --workdir=runs/flexiview
     python -m vfusion3d_jax evaluate --checkpoint=runs/lrm_tiny \
         --data='data/tiny/shards/holdout-*.tfrecord' --workdir=runs/eval [--config=configs/infer.py:evaluate]
 
@@ -14,6 +18,8 @@ A field left None takes the checkpoint's value. Field meanings are in the commen
 """
 
 from __future__ import annotations
+
+import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -42,7 +48,7 @@ def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.variant = variant
     _model_input(config)
-    if variant == "infer":
+    if variant in ("infer", "flexiview"):
         # Foreground: the file's alpha channel when it has one, else a colour-key background
         # removal (inference/preprocess.py). Recentring scales the object's bounding box to
         # (1 - border_ratio) of the image, as the official inferrer (0.2); None = the checkpoint's
@@ -69,6 +75,25 @@ def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
         config.prompts_file = config_dict.placeholder(str)
         config.prompt_elevation_deg = 20.0
         config.prompt_seed = 0
+    if variant == "flexiview":
+        # FlexRM's input views: the image and at most num_views - 1 generated candidates (1..32;
+        # 1 = the image alone, no diffusion model needed).
+        config.num_views = 4
+        # Candidates: every frame but the first of this many orbits generated from the image (noise
+        # seeds candidate_seed, candidate_seed + 1, ...), with the cameras of an orbit at
+        # input_elevation_deg (the elevation assumed for the image) and the data's radius and
+        # field of view.
+        config.num_candidate_orbits = 2
+        config.candidate_seed = 0
+        config.input_elevation_deg = 20.0
+        config.fov_deg = math.degrees(2 * math.atan(0.5 / 0.75))
+        # Candidates whose epipolar consistency with the image (curation/view_selection.py) is
+        # lower are never chosen; the rest are chosen for coverage, the best first.
+        config.min_consistency = 0.0
+        # Gaussians are small enough to render at the turntable's side; no mesh.
+        config.render_size = 128
+        config.num_frames = 48
+        config.export_mesh = False
     elif variant == "evaluate":
         # The view every orbit is reconstructed from; the others are compared.
         config.source_view = 0
@@ -89,5 +114,5 @@ def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
         config.sheet_rows = 4
         config.sheet_views = 4
     else:
-        raise ValueError(f"unknown variant {variant!r}; choose infer or evaluate")
+        raise ValueError(f"unknown variant {variant!r}; choose infer, flexiview or evaluate")
     return config

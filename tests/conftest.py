@@ -129,3 +129,26 @@ def mvdiffusion_checkpoint(tmp_path_factory) -> str:
                      *_MVDIFFUSION_TRAINING, f"--workdir={root / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
     return str(root / "run")
+
+
+# FlexRM micro with a 2-step Gaussian stage, no LPIPS, evaluation at the end of every run.
+FLEXRM_MICRO_TRAINING = (
+    "--config=configs/flexrm.py:micro", "--config.data.read_threads=1", "--config.data.read_buffer_size=2",
+    "--config.train.stages.nerf.num_steps=0", "--config.train.stages.gaussians.num_steps=2",
+    "--config.train.loss.lpips.rendered=0.0", "--config.train.loss.lpips.synthetic=0.0",
+    "--config.train.log_every=1", "--config.train.checkpoint_every=100", "--config.eval.every=100",
+    "--config.eval.num_batches=1",
+)
+
+
+@pytest.fixture(scope="session")
+def flexrm_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, workdir) of a 2-step `train --config=configs/flexrm.py:micro` run through the
+    command line on 6 training and 2 held-out random orbits of 6 views at 32 px. Barely trained:
+    for the plumbing of training and of `infer --config=configs/infer.py:flexiview`. Read-only."""
+    root = tmp_path_factory.mktemp("flexrm")
+    data = write_orbit_folder(root / "data", {"train": (1, 6), "holdout": (1, 2)}, num_views=6, resolution=32)
+    result = run_cli("train", *FLEXRM_MICRO_TRAINING, f"--config.data_dir={data}", f"--workdir={root / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FlexRM (micro)" in result.stdout
+    return data, root / "run"

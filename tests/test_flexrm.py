@@ -201,15 +201,19 @@ def test_padded_views_do_not_matter(model, views):
     assert np.max(np.abs(more.colors - two.colors)) > 1e-4
 
 
-def test_multi_view_source_projection_averages_the_valid_views(views):
-    """Each token's start is the mean over valid views of its projected feature: padded views
-    (garbage, NaN) add nothing, the order of views does not matter, and every valid view counts."""
-    assert CONFIG.model.source_projection
+@pytest.mark.parametrize("projection, output", [("source_projection", "token_offsets"),
+                                                ("source_planes", "plane_offsets")])
+def test_multi_view_source_projection_averages_the_valid_views(views, projection, output):
+    """Each token's start (and each texel's skip) is the mean over valid views of its projected
+    feature: padded views (garbage, NaN) add nothing, the order of views does not matter, and
+    every valid view counts."""
+    assert CONFIG.model[projection]
     model = FlexRM(CONFIG.model, rngs=nnx.Rngs(4))
-    projection = model.source_projection.proj.kernel
-    projection[...] = 0.1 * jax.random.normal(jax.random.key(2), projection.shape)  # zero at init
+    kernel = getattr(model, projection).proj.kernel
+    kernel[...] = 0.1 * jax.random.normal(jax.random.key(2), kernel.shape)  # zero at init
     images, cams = views
-    offsets = lambda i, c, m: model.encode_views(jnp.asarray(i), jnp.asarray(c), jnp.asarray(m))[2]  # noqa: E731
+    offsets = lambda i, c, m: getattr(  # noqa: E731
+        model.encode_views(jnp.asarray(i), jnp.asarray(c), jnp.asarray(m)), output)
     two = offsets(np.concatenate([images[:, :2], np.full_like(images[:, :2], np.nan)], 1),
                   np.concatenate([cams[:, :2], np.full_like(cams[:, :2], np.nan)], 1), np.array([[1, 1, 0, 0]], bool))
     np.testing.assert_allclose(two, offsets(images[:, :2], cams[:, :2], np.ones((1, 2), bool)), atol=1e-6)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import logging
-from conftest import run_cli, write_orbit_folder
+from conftest import FLEXRM_MICRO_TRAINING, run_cli
 
 from vfusion3d_jax import cameras
 from vfusion3d_jax.configs import load_config
@@ -26,21 +27,12 @@ from vfusion3d_jax.models.flexrm import Gaussians
 from vfusion3d_jax.rendering import splatting
 from vfusion3d_jax.train import flexrm_task, trainer
 
-# micro with a 2-step Gaussian stage, no LPIPS, evaluation at the end of every run.
-MICRO_TRAINING = (
-    "--config=configs/flexrm.py:micro", "--config.data.read_threads=1", "--config.data.read_buffer_size=2",
-    "--config.train.stages.nerf.num_steps=0", "--config.train.stages.gaussians.num_steps=2",
-    "--config.train.loss.lpips.rendered=0.0", "--config.train.loss.lpips.synthetic=0.0",
-    "--config.train.log_every=1", "--config.train.checkpoint_every=100", "--config.eval.every=100",
-    "--config.eval.num_batches=1",
-)
+MICRO_TRAINING = FLEXRM_MICRO_TRAINING
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A `render-data`-like folder: 6 training orbits and 2 held-out ones of 6 views, 32 px."""
-    return write_orbit_folder(tmp_path_factory.mktemp("orbits"), {"train": (1, 6), "holdout": (1, 2)},
-                              num_views=6, resolution=32)
+def data_dir(flexrm_run):
+    return flexrm_run[0]
 
 
 def _records(workdir, split: str) -> list[dict]:
@@ -59,24 +51,23 @@ def _assert_finite_train_steps(workdir, steps) -> list[dict]:
 # --------------------------------------------------------------------------- the command line
 
 
-def test_micro_trains_evaluates_and_resumes(data_dir, tmp_path):
-    workdir = tmp_path / "run"
-    result = run_cli("train", *MICRO_TRAINING, f"--config.data_dir={data_dir}", f"--workdir={workdir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "FlexRM (micro)" in result.stdout
-    train = _assert_finite_train_steps(workdir, [1, 2])
+def test_micro_trains_evaluates_and_resumes(flexrm_run, tmp_path):
+    data_dir, trained = flexrm_run
+    train = _assert_finite_train_steps(trained, [1, 2])
     for record in train:  # every Gaussian step reports the rasteriser's capacity use
         assert record["splat_overflow"] == 0 and record["splat_overflow_steps"] == 0
         assert 0 < record["splat_max_tile_count"] <= record["splat_num_intersections"]
-    evals = _records(workdir, "eval")
+    evals = _records(trained, "eval")
     assert [record["step"] for record in evals] == [0, 2]
     for key in ("psnr", "fg_psnr", "iou", "ssim", "lpips"):
         assert math.isfinite(evals[-1][key]), key
-    assert (workdir / "eval" / "eval_step_0000002.png").exists()
-    assert (workdir / "checkpoints" / "2").is_dir()
+    assert (trained / "eval" / "eval_step_0000002.png").exists()
+    assert (trained / "checkpoints" / "2").is_dir()
 
-    # One more step (evaluation off, to save its compilation): the run resumes at step 2 from its
-    # checkpoint and trains step 3 only.
+    # One more step (evaluation off, to save its compilation), in a copy of the shared run: it
+    # resumes at step 2 from its checkpoint and trains step 3 only.
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
     result = run_cli("train", *MICRO_TRAINING, "--config.train.stages.gaussians.num_steps=3", "--config.eval.every=0",
                      f"--config.data_dir={data_dir}", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -74,10 +74,11 @@ COMMANDS = {
                        "import official VFusion3D weights or a diffusers Wan folder into Orbax", "--checkpoint=WEIGHTS --workdir=DIR",
                        flags=("checkpoint", "workdir"), config_file="lrm.py", variants=_LRM_VARIANTS),
     "infer": Command("vfusion3d_jax.inference.infer", "infer_command",
-                     "images (or captions: text to 3D) to turntable videos and coloured meshes",
+                     "images (or captions: text to 3D) to turntable videos and coloured meshes; with "
+                     "configs/infer.py:flexiview, FlexRM's Gaussians from the image and generated views",
                      "--checkpoint=DIR --inputs=IMAGE_OR_FOLDER|--prompt=TEXT --workdir=DIR",
                      flags=("checkpoint", "inputs", "prompt", "workdir"),
-                     config_file="infer.py", variants=("infer", "evaluate"), default_variant="infer"),
+                     config_file="infer.py", variants=("infer", "flexiview", "evaluate"), default_variant="infer"),
     "evaluate": Command("vfusion3d_jax.inference.evaluate", "evaluate_command",
                         "PSNR / SSIM / LPIPS / Chamfer of a checkpoint on held-out orbits",
                         "--checkpoint=DIR --data=GLOB --workdir=DIR", flags=("checkpoint", "data", "workdir"),

@@ -37,7 +37,7 @@ from absl import app, flags, logging
 
 from vfusion3d_jax import cameras, visualize
 from vfusion3d_jax.configs import load_config
-from vfusion3d_jax.inference import media, preprocess
+from vfusion3d_jax.inference import flexiview, media, preprocess
 from vfusion3d_jax.inference.reconstruct import Reconstructor
 from vfusion3d_jax.inference.sample import OrbitSampler, orbit_relative_pose, prompt_folder_name
 from vfusion3d_jax.rendering.mesh import EmptySurfaceError, export_mesh
@@ -153,6 +153,13 @@ def infer_command(config: ml_collections.ConfigDict | None, workdir: str | None,
     """CLI `infer`: --checkpoint=DIR --inputs=IMAGE_OR_FOLDER_OR_GLOB and/or --prompt=TEXT --workdir=OUT."""
     config = config if config is not None else load_config("infer.py")
     checkpoint, inputs = flags.FLAGS.checkpoint, flags.FLAGS.inputs or (args[0] if len(args) == 1 else None)
+    if config.get("variant") == "flexiview":
+        if not checkpoint or not inputs or not workdir:
+            raise app.UsageError("infer --config=configs/infer.py:flexiview needs --checkpoint=DIR (a FlexRM run), "
+                                 "--inputs=IMAGE_OR_FOLDER and --workdir=OUT")
+        summary = flexiview.infer_flexiview(checkpoint, inputs, workdir, config)
+        print(flexiview.format_summary(summary, workdir))
+        return
     prompts = [flags.FLAGS.prompt] if flags.FLAGS.prompt else []
     if config.get("prompts_file"):
         prompts += [line.strip() for line in Path(config.prompts_file).read_text(encoding="utf-8").splitlines()

@@ -5,6 +5,7 @@
     concatenated over views ──▶ context (B, V·(1 + n²), D_enc), padded views masked out
     reference camera (view 0, 16-d) ──CameraEmbedder──▶ adaLN condition
     learned triplane tokens ──TriplaneTransformer (the LRM's)──▶ planes (B, 3, C, R, R)
+    (+ with `source_planes`, the views' pixel-aligned features and colours, averaged over them)
     planes ──GaussianHead (per texel MLP)──▶ G Gaussians per texel: N = 3·R²·G
     planes ──TriplaneDecoder + ray marching (the LRM's)──▶ `render_nerf`, for NeRF-first training
 
@@ -36,6 +37,7 @@ by the image size) to its world-to-camera OpenCV view matrix and pixel intrinsic
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +49,10 @@ from vfusion3d_jax.cameras import OPENGL_TO_OPENCV, split_render_camera
 from vfusion3d_jax.models import layers
 from vfusion3d_jax.models.lrm import (
     DEFAULT_RENDER_OPTIONS,
-    SOURCE_CAMERA_DIM,
     CameraEmbedder,
     SourceProjection,
     TriplaneTransformer,
+    cells_to_planes,
     triplane_token_points,
 )
 from vfusion3d_jax.models.vit import VisionTransformer
@@ -250,6 +252,15 @@ class GaussianHead(nnx.Module):
 # -- the model ----------------------------------------------------------------------------------
 
 
+class EncodedViews(NamedTuple):
+    """`FlexRM.encode_views`: what the transformer and the planes take from the views."""
+
+    context: jax.Array  # (B, V·T, D_enc) every view's tokens with their rays
+    mask: jax.Array  # (B, V·T) bool, False for the tokens of padded views
+    token_offsets: jax.Array | None  # (B, 3·r², D) `source_projection`'s start of the triplane tokens
+    plane_offsets: jax.Array | None  # (B, 3, C, R, R) `source_planes`' skip added to the planes
+
+
 class FlexRM(nnx.Module):
     """FlexRM; `config` is `config.model` (configs/flexrm.py).
 
@@ -277,49 +288,58 @@ class FlexRM(nnx.Module):
             kernel_init=layers.partitioned(nnx.initializers.zeros_init(), None, "embed"),
             bias_init=layers.partitioned(nnx.initializers.zeros_init(), "embed"), rngs=rngs)
         self.transformer = TriplaneTransformer(config, **kwargs)
+        projection = (self.patch_size, self.num_prefix_tokens, config.encoder.dim)
         self.source_projection = SourceProjection(
-            config.triplane_low_res, self.patch_size, self.num_prefix_tokens, config.encoder.dim,
-            config.transformer.dim, **kwargs) if config.get("source_projection") else None
+            config.triplane_low_res, *projection, config.transformer.dim,
+            **kwargs) if config.get("source_projection") else None
+        self.source_planes = SourceProjection(
+            config.upsample_factor * config.triplane_low_res, *projection, config.triplane_dim,
+            **kwargs) if config.get("source_planes") else None
         self.decoder = TriplaneDecoder(config.triplane_dim, config.decoder.hidden_dim, config.decoder.num_layers,
                                        **kwargs)
         self.gaussian_head = GaussianHead(config.triplane_dim, config.gaussians, **kwargs)
 
-    def encode_views(self, images: jax.Array, cameras: jax.Array, view_mask: jax.Array
-                     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-        """Views -> the cross-attention context (B, V·T, D_enc), its key mask (B, V·T) and, with
-        `source_projection`, the triplane tokens' start (B, 3·r², D): each view's `SourceProjection`
-        (the image feature where a token's centre projects, weighted by how squarely its plane faces
-        that view), averaged over the valid views."""
+    def encode_views(self, images: jax.Array, cameras: jax.Array, view_mask: jax.Array) -> EncodedViews:
+        """Views (see `forward_planes`) -> the cross-attention context, its key mask and the
+        pixel-aligned starts of `source_projection` and `source_planes`: each view's
+        `SourceProjection` (the image feature and colour where a cell's centre projects, weighted
+        by how squarely its plane faces that view), averaged over the valid views."""
         num, views = images.shape[:2]
         if views not in self.view_buckets:
             raise ValueError(f"{views} views is not a bucket of {self.view_buckets}; pad them with pad_views")
         valid = view_mask.astype(bool)
         images = jnp.where(valid[:, :, None, None, None], images, 0.0)
         cameras = jnp.where(valid[:, :, None], cameras, cameras[:, :1]).astype(jnp.float32)
-        flat_images = images.reshape((num * views,) + images.shape[2:])
+        flat_images, flat_cameras = images.reshape((num * views,) + images.shape[2:]), cameras.reshape(num * views, -1)
         tokens = self.encoder(flat_images)  # (B·V, T, D)
-        offsets = None
-        if self.source_projection is not None:
-            per_view = self.source_projection(tokens, flat_images, cameras.reshape(num * views, -1))
+
+        def mean_over_valid_views(projection: SourceProjection | None) -> jax.Array | None:
+            if projection is None:
+                return None
+            per_view = projection(tokens, flat_images, flat_cameras)
             per_view = per_view.reshape((num, views) + per_view.shape[1:])
             weights = valid.astype(per_view.dtype)[:, :, None, None]
-            offsets = jnp.sum(per_view * weights, axis=1) / jnp.sum(weights, axis=1)
-        origins, directions = patch_rays(cameras.reshape(num * views, SOURCE_CAMERA_DIM), images.shape[-2:],
-                                         self.patch_size)
+            return jnp.sum(per_view * weights, axis=1) / jnp.sum(weights, axis=1)
+
+        token_offsets = mean_over_valid_views(self.source_projection)
+        plane_offsets = mean_over_valid_views(self.source_planes)
+        origins, directions = patch_rays(flat_cameras, images.shape[-2:], self.patch_size)
         rays = self.plucker_embed(plucker_rays(origins, directions).astype(tokens.dtype))
         # No ray for the CLS (and register) tokens: they summarise the whole view.
         rays = jnp.pad(rays, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
         tokens = (tokens + rays).reshape(num, -1, tokens.shape[-1])
         mask = jnp.repeat(valid, tokens.shape[1] // views, axis=1)
-        return constrain(tokens, layers.BATCH_TOKENS), mask, offsets
+        return EncodedViews(constrain(tokens, layers.BATCH_TOKENS), mask, token_offsets,
+                            None if plane_offsets is None else cells_to_planes(plane_offsets))
 
     def forward_planes(self, images: jax.Array, cameras: jax.Array, view_mask: jax.Array) -> jax.Array:
         """images (B, V, 3, H, W) in [0, 1], cameras (B, V, 16), view_mask (B, V) bool (view 0 the
         reference, always valid) -> planes (B, 3, C, R, R) float32."""
-        context, mask, offsets = self.encode_views(images, cameras, view_mask)
+        encoded = self.encode_views(images, cameras, view_mask)
         cond = self.camera_embedder(cameras[:, 0].astype(jnp.float32))
-        return self.transformer.planes(self.transformer.tokens(context, cond, token_offsets=offsets,
-                                                               context_mask=mask))
+        planes = self.transformer.planes(self.transformer.tokens(
+            encoded.context, cond, token_offsets=encoded.token_offsets, context_mask=encoded.mask))
+        return planes if encoded.plane_offsets is None else planes + encoded.plane_offsets
 
     def gaussians(self, planes: jax.Array) -> Gaussians:
         return self.gaussian_head(planes)

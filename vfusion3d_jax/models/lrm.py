@@ -128,6 +128,12 @@ class SourceProjection(nnx.Module):
         return self.proj(bilinear_sample(grid, cells) * weights.astype(grid.dtype))
 
 
+def cells_to_planes(cells: jax.Array) -> jax.Array:
+    """Per-cell features (N, 3·R², C) in token order -> planes (N, 3, C, R, R) float32."""
+    side = int(round((cells.shape[1] // NUM_PLANES) ** 0.5))
+    return jnp.moveaxis(cells.reshape(cells.shape[0], NUM_PLANES, side, side, -1), -1, 2).astype(jnp.float32)
+
+
 class TriplaneBlock(nnx.Module):
     """The official `ConditionModulationBlock`: cross-attention, self-attention, MLP, each after a ModLN."""
 
@@ -266,9 +272,7 @@ class LRM(nnx.Module):
                    else self.source_projection(image_features, images, source_cameras))
         planes = self.transformer(image_features, self.embed_camera(source_cameras), offsets)
         if self.source_planes is not None:
-            skip = self.source_planes(image_features, images, source_cameras).astype(jnp.float32)
-            side = planes.shape[-1]
-            planes = planes + jnp.moveaxis(skip.reshape(planes.shape[0], NUM_PLANES, side, side, -1), -1, 2)
+            planes = planes + cells_to_planes(self.source_planes(image_features, images, source_cameras))
         return planes
 
     def __call__(self, images: jax.Array, source_cameras: jax.Array, render_cameras: jax.Array, *,
