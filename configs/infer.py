@@ -45,6 +45,8 @@ def _model_input(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
+    if variant not in ("infer", "flexiview", "evaluate"):
+        raise ValueError(f"unknown variant {variant!r}; choose infer, flexiview or evaluate")
     config = ml_collections.ConfigDict()
     config.variant = variant
     _model_input(config)
@@ -94,7 +96,7 @@ def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
         config.render_size = 128
         config.num_frames = 48
         config.export_mesh = False
-    elif variant == "evaluate":
+    if variant == "evaluate":
         # The view every orbit is reconstructed from; the others are compared.
         config.source_view = 0
         # Side of the compared views; None = the records' resolution.
@@ -113,6 +115,11 @@ def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
         # Rows of the sheet of the worst and of the best objects (by PSNR), and views per row.
         config.sheet_rows = 4
         config.sheet_views = 4
-    else:
-        raise ValueError(f"unknown variant {variant!r}; choose infer, flexiview or evaluate")
+        # FlexRM checkpoints (inference/evaluate_views.py): the numbers of input views to compare
+        # (`--config.num_views=1,4,8`), on targets that are never inputs (the orbit's views at odd
+        # offsets from the source); with a diffusion run, also generated views, curated and random.
+        config.num_views = (1, 2, 4, 8)
+        config.diffusion_checkpoint = config_dict.placeholder(str)
+        config.num_candidate_orbits = 2
+        config.candidate_seed = 0
     return config

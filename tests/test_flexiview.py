@@ -40,7 +40,7 @@ def test_orbit_cameras_give_the_input_the_training_reference_camera():
     """Frame 0 of a candidate orbit is where the pipeline puts every source view (the canonical
     pose at the orbit's radius); the others turn around the object's (canonical) up axis."""
     config = load_config("infer.py:flexiview")
-    source, render = flexiview.orbit_cameras(4, config)
+    source, render = flexiview.job_orbit_cameras(4, config)
     focal = cameras.fov_to_focal(config.fov_deg)
     intrinsics = cameras.intrinsics_matrix(focal, focal, 0.5, 0.5)
     tilted = cameras.orbit_cam2world(np.array([0.0, 90.0]), config.input_elevation_deg, config.radius)

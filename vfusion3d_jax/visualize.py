@@ -73,3 +73,52 @@ def comparison_row(source, targets, renders) -> np.ndarray:
     size = np.shape(targets)[1]
     source = Image.fromarray(to_uint8(source)).resize((size, size), Image.Resampling.BICUBIC)
     return np.concatenate([np.asarray(source, np.float32) / 255.0, *targets, *renders], axis=1)
+
+
+# Line colours of `line_chart`, in series order.
+SERIES_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str, log2_x: bool = False,
+               size: tuple[int, int] = (360, 240)) -> np.ndarray:
+    """A small line chart, uint8 (H, W, 3): one line with dots per named series of (x, y) points,
+    the x values of the points as ticks, the y range with its ends labelled, and a legend. Pillow
+    only (no plotting library for a few lines); NaN points are left out."""
+    width, height = size
+    left, right, top, bottom = 44, 10, 18, 30
+    points = {name: [(x, y) for x, y in values if not math.isnan(y)] for name, values in series.items()}
+    xs = sorted({x for values in points.values() for x, _ in values})
+    ys = [y for values in points.values() for _, y in values]
+    chart = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(chart)
+    draw.text((left, 2), title, fill=(0, 0, 0))
+    draw.rectangle((left, top, width - right, height - bottom), outline=(160, 160, 160))
+    if not xs:
+        return np.asarray(chart)
+    scale_x = (lambda x: math.log2(x)) if log2_x else (lambda x: x)
+    x_low, x_high = scale_x(xs[0]), scale_x(xs[-1])
+    y_low, y_high = min(ys), max(ys)
+    margin = 0.05 * (y_high - y_low) or 0.5
+    y_low, y_high = y_low - margin, y_high + margin
+
+    def to_pixel(x: float, y: float) -> tuple[float, float]:
+        fraction = 0.5 if x_high == x_low else (scale_x(x) - x_low) / (x_high - x_low)
+        return (left + 8 + fraction * (width - right - left - 16),
+                height - bottom - (y - y_low) / (y_high - y_low) * (height - bottom - top))
+
+    for x in xs:
+        px = to_pixel(x, y_low)[0]
+        draw.line((px, height - bottom, px, height - bottom + 3), fill=(0, 0, 0))
+        draw.text((px - 4, height - bottom + 4), f"{x:g}", fill=(0, 0, 0))
+    draw.text(((left + width - right) / 2 - 3 * len(x_label), height - 12), x_label, fill=(0, 0, 0))
+    for y in (y_low + margin, y_high - margin):
+        draw.text((2, to_pixel(xs[0], y)[1] - 5), f"{y:.2f}", fill=(0, 0, 0))
+    for index, (name, values) in enumerate(points.items()):
+        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        pixels = [to_pixel(x, y) for x, y in sorted(values)]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for px, py in pixels:
+            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
+        draw.text((left + 6, top + 4 + 11 * index), name, fill=colour)
+    return np.asarray(chart)

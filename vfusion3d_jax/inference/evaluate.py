@@ -48,6 +48,7 @@ from vfusion3d_jax.data.pipeline import composite_on_white, expand_paths, resize
 from vfusion3d_jax.data.tfrecord import iterate_records
 from vfusion3d_jax.inference import media
 from vfusion3d_jax.inference.reconstruct import Reconstructor
+from vfusion3d_jax.models.convert import load_checkpoint_config
 from vfusion3d_jax.rendering.mesh import EmptySurfaceError
 from vfusion3d_jax.train import metrics
 
@@ -66,6 +67,10 @@ class OrbitTask:
     target_masks: np.ndarray  # (M, H, W, 1) float32 foreground alpha of the target views
     target_cameras: np.ndarray  # (M, 25) in the canonical frame
     surface_points: np.ndarray | None  # (P, 3) ground-truth surface in the canonical frame
+    # For a multi-view model (FlexRM): the source then the other input views, (V, S, S, 3) and (V, 16).
+    input_images: np.ndarray | None = None
+    input_cameras: np.ndarray | None = None
+    elevation_deg: float | None = None  # the orbit's (meta/elevation_deg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,27 +101,36 @@ def orbit_tasks(pattern: str, *, source_view: int, source_size: int, resolution:
                              resolution=resolution)
 
 
-def orbit_task(orbit: dict, *, source_view: int, source_size: int, resolution: int | None = None) -> OrbitTask:
+def orbit_task(orbit: dict, *, source_view: int, source_size: int, resolution: int | None = None,
+               target_views: list[int] | None = None, input_views: list[int] = ()) -> OrbitTask:
+    """The task of one decoded orbit: reconstruct from `source_view` (and, for a multi-view model,
+    `input_views` beside it), compare at `target_views` (default: every other view)."""
     if not 0 <= source_view < orbit["num_views"] or orbit["num_views"] < 2:
         raise ValueError(f"orbit {orbit['object_id']!r} has {orbit['num_views']} views: cannot use view "
                          f"{source_view} as the source and compare the others")
     resolution = resolution or orbit["height"]
     change = source_world_change(orbit["cam2world"][source_view])
     cam2world = (change @ orbit["cam2world"]).astype(np.float32)
-    targets = [view for view in range(orbit["num_views"]) if view != source_view]
+    targets = [view for view in range(orbit["num_views"]) if view != source_view] if target_views is None else list(
+        target_views)
+    inputs = [source_view, *input_views]
     target_images, target_masks = composite_on_white(
         np.stack([resize_rgba(orbit["images"][v], resolution) for v in targets]))
     points = orbit.get("surface_points")
     if points is not None:
         points = (points.astype(np.float64) @ change[:3, :3].T + change[:3, 3]).astype(np.float32)
+    input_images = np.stack([composite_on_white(resize_rgba(orbit["images"][v], source_size))[0] for v in inputs])
     return OrbitTask(
         object_id=orbit["object_id"],
-        source_image=composite_on_white(resize_rgba(orbit["images"][source_view], source_size))[0],
+        source_image=input_images[0],
         source_camera=cameras.source_camera(cam2world[source_view], orbit["intrinsics"][source_view]),
         target_images=target_images,
         target_masks=target_masks,
         target_cameras=cameras.render_camera(cam2world[targets], orbit["intrinsics"][targets]),
         surface_points=points,
+        input_images=input_images,
+        elevation_deg=float(orbit["elevation_deg"]),
+        input_cameras=cameras.source_camera(cam2world[inputs], orbit["intrinsics"][inputs]).astype(np.float32),
     )
 
 
@@ -341,6 +355,14 @@ def evaluate_command(config: ml_collections.ConfigDict | None, workdir: str | No
     checkpoint, data = flags.FLAGS.checkpoint, flags.FLAGS.data or (args[0] if len(args) == 1 else None)
     if not checkpoint or not data or not workdir:
         raise app.UsageError("evaluate needs --checkpoint=DIR, --data=TFRECORD_GLOB and --workdir=OUT")
+    config = config if config is not None else load_config("infer.py:evaluate")
+    if load_checkpoint_config(checkpoint).get("task") == "flexrm":
+        from vfusion3d_jax.inference import evaluate_views  # the FlexRM evaluation builds on this module
+
+        summary = evaluate_views.evaluate_view_counts(checkpoint, data, workdir, config)
+        print(evaluate_views.runs_table(summary["runs"]))
+        print(f"Report: {workdir}/metrics.md, metrics.json, views.png; one folder per run")
+        return
     report = evaluate(checkpoint, data, workdir, config)
     print(overall_table(report["overall"]))
     print(f"Report: {report['paths']['markdown']}, {report['paths']['json']}; sheet: {report['paths']['sheet']}")

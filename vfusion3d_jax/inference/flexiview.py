@@ -96,8 +96,8 @@ class FlexReconstructor:
 
     def _render_fn(self, gaussians: Gaussians, render_cameras: jax.Array, *, resolution: int,
                    settings: splatting.SplatSettings):
-        rgb, _, info = flexrm.render_gaussians(gaussians, render_cameras, resolution, settings)
-        return jnp.clip(rgb, 0.0, 1.0), info
+        rgb, alpha, info = flexrm.render_gaussians(gaussians, render_cameras, resolution, settings)
+        return jnp.concatenate([jnp.clip(rgb, 0.0, 1.0), alpha], axis=-1), info
 
     def patch_features(self, images: np.ndarray) -> np.ndarray:
         """Encoder patch tokens (N, n², D) of views (N, S, S, 3) in [0, 1] over white."""
@@ -111,8 +111,10 @@ class FlexReconstructor:
                                                         buckets=self.view_buckets)
         return self._gaussians(self.state, jnp.asarray(images), jnp.asarray(source_cameras), jnp.asarray(mask))[0]
 
-    def render(self, gaussians: Gaussians, render_cameras: np.ndarray, resolution: int) -> np.ndarray:
-        """RGB (M, h, w, 3) in [0, 1] of one object's Gaussians from cameras (M, 25).
+    def render(self, gaussians: Gaussians, render_cameras: np.ndarray, resolution: int, *,
+               with_opacity: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """RGB (M, h, w, 3) in [0, 1] of one object's Gaussians from cameras (M, 25) (and, asked,
+        their alpha (M, h, w, 1)).
 
         The rasteriser's capacities are the training ones scaled to the render's area; when the
         Gaussians need more, the views are rendered again with what the first pass reported
@@ -123,7 +125,7 @@ class FlexReconstructor:
             self.settings.max_intersections * max(scale, 1.0) / 1024)) * 1024)
         batch = jax.tree.map(lambda x: x[None], gaussians)
         cameras_ = jnp.asarray(render_cameras, jnp.float32)[None]
-        rgb, info = self._render(batch, cameras_, resolution=resolution, settings=settings)
+        rgba, info = self._render(batch, cameras_, resolution=resolution, settings=settings)
         try:
             splatting.check_capacity(info, settings)
         except splatting.SplatCapacityError as error:
@@ -131,9 +133,10 @@ class FlexReconstructor:
             settings = dataclasses.replace(
                 settings, max_intersections=max(settings.max_intersections, int(np.max(info["num_intersections"]))),
                 max_per_tile=max(settings.max_per_tile, int(np.max(info["max_tile_count"]))))
-            rgb, info = self._render(batch, cameras_, resolution=resolution, settings=settings)
+            rgba, info = self._render(batch, cameras_, resolution=resolution, settings=settings)
             splatting.check_capacity(info, settings)
-        return np.asarray(rgb[0])
+        rgba = np.asarray(rgba[0])
+        return (rgba[..., :3], rgba[..., 3:]) if with_opacity else rgba[..., :3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,17 +151,21 @@ class CandidatePool:
     azimuth_deg: np.ndarray  # (K,) azimuth from the input view
 
 
-def orbit_cameras(num_frames: int, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+def orbit_cameras(num_frames: int, elevation_deg: float, radius: float, focal: float) -> tuple[np.ndarray, np.ndarray]:
     """Source (F, 16) and render (F, 25) cameras of a generated orbit: frames evenly spaced around
-    the circle at `input_elevation_deg` and `radius`, focal length from `fov_deg`, canonicalised
+    the circle at `elevation_deg` and `radius` with normalised focal length `focal`, canonicalised
     to frame 0 (the input view gets the reference camera FlexRM was trained with)."""
     azimuths = 360.0 * np.arange(num_frames) / num_frames
-    cam2world = cameras.orbit_cam2world(azimuths, config.input_elevation_deg, config.radius)
+    cam2world = cameras.orbit_cam2world(azimuths, elevation_deg, radius)
     cam2world = pipeline.canonicalize_to_source(cam2world, cam2world[0])
-    focal = cameras.fov_to_focal(config.fov_deg)
     intrinsics = cameras.intrinsics_matrix(focal, focal, 0.5, 0.5)
     return (cameras.source_camera(cam2world, intrinsics).astype(np.float32),
             cameras.render_camera(cam2world, intrinsics).astype(np.float32))
+
+
+def job_orbit_cameras(num_frames: int, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """`orbit_cameras` of the flexiview config: `input_elevation_deg`, `radius`, `fov_deg`."""
+    return orbit_cameras(num_frames, config.input_elevation_deg, config.radius, cameras.fov_to_focal(config.fov_deg))
 
 
 def resize_views(images: np.ndarray, size: int) -> np.ndarray:
@@ -176,15 +183,15 @@ def patch_foreground(images: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def generate_candidates(sampler: OrbitSampler, image: np.ndarray, num_orbits: int, seed: int, view_size: int,
-                        config: ml_collections.ConfigDict) -> CandidatePool:
+                        elevation_deg: float, orbit_cameras_: tuple[np.ndarray, np.ndarray]) -> CandidatePool:
     """The candidate views of one image (at the sampler's side, (h, h, 3)): every frame but the
-    first of `num_orbits` orbits, seeds seed, seed + 1, ..."""
+    first of `num_orbits` orbits at `elevation_deg`, seeds seed, seed + 1, ...; `orbit_cameras_`
+    are the (source, render) cameras of the orbit's frames (`orbit_cameras`)."""
     frames = sampler.num_frames
-    pose = orbit_relative_pose(frames, config.input_elevation_deg)
-    blank_caption = sampler.caption("")
-    orbits = sampler.sample(np.repeat(image[None], num_orbits, 0), np.ones(num_orbits, bool), pose, blank_caption,
-                            seed + np.arange(num_orbits))  # (O, F, h, h, 3)
-    source_cameras, render_cameras = orbit_cameras(frames, config)
+    pose = orbit_relative_pose(frames, elevation_deg)
+    orbits = sampler.sample(np.repeat(image[None], num_orbits, 0), np.ones(num_orbits, bool), pose,
+                            sampler.caption(""), seed + np.arange(num_orbits))  # (O, F, h, h, 3)
+    source_cameras, render_cameras = orbit_cameras_
     orbit, frame = (a.ravel() for a in np.meshgrid(np.arange(num_orbits), np.arange(1, frames), indexing="ij"))
     return CandidatePool(images=resize_views(orbits[orbit, frame], view_size), source_cameras=source_cameras[frame],
                          render_cameras=render_cameras[frame], orbit=orbit, frame=frame,
@@ -208,14 +215,15 @@ def reconstruct_image(reconstructor: FlexReconstructor, sampler: OrbitSampler | 
     """One image through the chain; writes its outputs and returns its summary entry."""
     prepared = preprocess.prepare_image(path, reconstructor.view_size, border_ratio=border_ratio,
                                         recenter_object=config.recenter)
-    input_source, input_render = (camera[0] for camera in orbit_cameras(1, config))
+    input_source, input_render = (camera[0] for camera in job_orbit_cameras(1, config))
     views, view_cameras, candidates = [prepared.image], [input_source], []
     outputs = {"input": media.write_png(prepared.image, out_dir / "input.png")}
     if config.num_views > 1:
         small = preprocess.prepare_image(path, sampler.resolution, border_ratio=border_ratio,
                                          recenter_object=config.recenter).image
         pool = generate_candidates(sampler, small, config.num_candidate_orbits, config.candidate_seed,
-                                   reconstructor.view_size, config)
+                                   reconstructor.view_size, config.input_elevation_deg,
+                                   job_orbit_cameras(sampler.num_frames, config))
         scores, matches = consistency_scores(reconstructor, prepared.image, pool, input_render)
         chosen = view_selection.select_views(pool.render_cameras, scores, config.num_views - 1,
                                              reference_camera=input_render, min_score=config.min_consistency)
