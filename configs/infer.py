@@ -122,4 +122,6 @@ def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
         config.diffusion_checkpoint = config_dict.placeholder(str)
         config.num_candidate_orbits = 2
         config.candidate_seed = 0
+        # An LRM run scored beside FlexRM on the same targets, from the source view alone.
+        config.lrm_checkpoint = config_dict.placeholder(str)
     return config

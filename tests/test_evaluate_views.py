@@ -2,8 +2,8 @@
 
 The split of an orbit into inputs and targets, the even spread of input views, the chart, and
 the command end to end on the session's barely trained FlexRM micro and diffusion runs
-(conftest): every run (rendered inputs per view count; generated ones, curated and random)
-written and summarised. The quality of the models is not tested here.
+(conftest) and a random LRM: every run (rendered inputs per view count; generated ones, curated
+and random; the LRM from the source view) written and summarised. The quality of the models is not tested here.
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ import math
 import numpy as np
 import pytest
 from conftest import run_cli
+from flax import nnx
 
 from vfusion3d_jax import errors, visualize
+from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.inference import evaluate_views
+from vfusion3d_jax.models import convert
+from vfusion3d_jax.models.lrm import LRM
 
 
 def test_targets_are_never_inputs():
@@ -46,16 +50,27 @@ def test_line_chart_draws_every_series_in_its_colour():
         assert np.any(np.all(chart == colour, axis=-1)), colour
 
 
-def test_cli_compares_view_counts_and_generated_inputs(flexrm_run, mvdiffusion_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def lrm_checkpoint(tmp_path_factory) -> str:
+    """A random `fixture`-size LRM (64 px source views, FlexRM micro's are 56) as a checkpoint."""
+    root = tmp_path_factory.mktemp("lrm")
+    config = load_config("lrm.py:fixture")
+    convert.save_checkpoint(root, nnx.to_pure_dict(nnx.state(LRM(config.model, rngs=nnx.Rngs(0)), nnx.Param)), config)
+    return str(root)
+
+
+def test_cli_compares_view_counts_generated_inputs_and_the_lrm(flexrm_run, mvdiffusion_checkpoint, lrm_checkpoint,
+                                                               tmp_path):
     data, run = flexrm_run
     workdir = tmp_path / "eval"
     result = run_cli("evaluate", f"--checkpoint={run}", f"--data={data}/shards/holdout-*.tfrecord",
                      f"--workdir={workdir}", "--config.num_views=1,2", "--config.sheet_rows=1",
-                     f"--config.diffusion_checkpoint={mvdiffusion_checkpoint}")
+                     f"--config.diffusion_checkpoint={mvdiffusion_checkpoint}",
+                     f"--config.lrm_checkpoint={lrm_checkpoint}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((workdir / "metrics.json").read_text())
     runs = [(run_["inputs"], run_["num_views"]) for run_ in summary["runs"]]
-    assert runs == [("rendered", 1), ("rendered", 2), ("curated", 2), ("random", 2)]
+    assert runs == [("lrm", 1), ("rendered", 1), ("rendered", 2), ("curated", 2), ("random", 2)]
     for entry in summary["runs"]:
         # 2 held-out orbits of 6 views: 3 targets each (odd offsets), never inputs; one swap group.
         assert entry["num_objects"] == 2 and entry["num_views"] in (1, 2)

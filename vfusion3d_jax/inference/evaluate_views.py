@@ -18,6 +18,9 @@ them: `curated` (epipolar consistency with the source, then `select_views` for c
 `infer` chooses) and `random` (seeded), so curation is measured against chance on the very same
 candidates.
 
+With `lrm_checkpoint`, a triplane LRM run reconstructs the same objects from the source view
+alone and is scored on the same targets (the `lrm` run): the comparison side by side, in one run.
+
 Outputs in OUT: one folder per run, `<inputs>_<k>_views/` (metrics.json, metrics.md and
 sheet.png, as `evaluate` writes them), and at the top `metrics.json` (`runs`: per run its
 inputs, k and overall metrics), `metrics.md` (one row per run) and `views.png` (PSNR and
@@ -46,10 +49,11 @@ from vfusion3d_jax.data.tfrecord import iterate_records
 from vfusion3d_jax.inference import evaluate, flexiview, media
 from vfusion3d_jax.inference.evaluate import OrbitTask, Prediction
 from vfusion3d_jax.inference.flexiview import FlexReconstructor
+from vfusion3d_jax.inference.reconstruct import Reconstructor
 from vfusion3d_jax.inference.sample import OrbitSampler
 from vfusion3d_jax.train import metrics
 
-RENDERED, CURATED, RANDOM = "rendered", "curated", "random"
+RENDERED, CURATED, RANDOM, LRM = "rendered", "curated", "random", "lrm"
 
 
 def split_views(num_views: int, source_view: int) -> tuple[list[int], list[int]]:
@@ -176,12 +180,21 @@ def evaluate_view_counts(checkpoint: str, data: str, workdir: str | os.PathLike,
         for choice in (CURATED, RANDOM):
             runs += [(choice, k, [with_generated_inputs(task, found, k, choice, config.candidate_seed)
                                   for task, found in zip(base, candidates)]) for k in counts if k > 1]
+    predictors = {inputs: flexrm_predictor(reconstructor, config) for inputs, _, _ in runs}
+    if config.get("lrm_checkpoint"):  # the triplane LRM from the source view, on the same targets
+        lrm = Reconstructor.from_checkpoint(config.lrm_checkpoint, config)
+        lrm_tasks = view_count_tasks(data, [1], source_view=config.source_view, view_size=lrm.source_size,
+                                     resolution=config.resolution, max_objects=config.max_objects)[1]
+        runs.insert(0, (LRM, 1, lrm_tasks))
+        lrm_config = config.copy_and_resolve_references()
+        lrm_config.chamfer = False  # FlexRM's runs have no mesh either
+        predictors[LRM] = evaluate.model_predictor(lrm, lrm_config)
     workdir = epath.Path(workdir)
     group = config.swap_group if config.swap_group > 1 else config.batch_size
     lpips_params = metrics.load_lpips_params(metrics.EVAL_LPIPS_NET)
     summary = dict(checkpoint=str(checkpoint), data=data, config=config.to_dict(), runs=[])
     for inputs, count, run_tasks in runs:
-        report = evaluate.evaluate_orbits(run_tasks, flexrm_predictor(reconstructor, config), batch_size=group,
+        report = evaluate.evaluate_orbits(run_tasks, predictors[inputs], batch_size=group,
                                           lpips_params=lpips_params, keep=config.sheet_views)
         evaluate.write_report(report, workdir / f"{inputs}_{count}_views", sheet_rows=config.sheet_rows,
                               extra=dict(checkpoint=str(checkpoint), data=data, inputs=inputs, num_views=count))
@@ -217,7 +230,7 @@ def plot_runs(runs: list[dict]) -> np.ndarray:
     charts = []
     for metric, title in (("psnr", "PSNR (dB), higher is better"), ("fg_psnr", "foreground PSNR (dB)")):
         series = {inputs: [(run["num_views"], run.get(metric, math.nan)) for run in runs if run["inputs"] == inputs]
-                  for inputs in (RENDERED, CURATED, RANDOM)}
+                  for inputs in (RENDERED, CURATED, RANDOM, LRM)}
         charts.append(visualize.line_chart({name: points for name, points in series.items() if points},
                                            title=title, x_label="input views", log2_x=True))
     return np.concatenate(charts, axis=1)
