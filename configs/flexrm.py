@@ -119,6 +119,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
         scale_max=scale_max,
         opacity_bias=-2.0,  # initial opacity sigmoid(-2) = 0.12
         output_init_scale=0.1,  # the last layer's LeCun-normal kernel times this: Gaussians start near their init
+        # Colours from the NeRF decoder at each Gaussian's mean (all three planes) instead of the
+        # head (the texel's own plane); see FlexRM.gaussians.
+        color_from_decoder=False,
     ))
     return config
 

@@ -59,7 +59,7 @@ from vfusion3d_jax.models.vit import VisionTransformer
 from vfusion3d_jax.partitioning import constrain
 from vfusion3d_jax.rendering.renderer import RenderOptions, render_views
 from vfusion3d_jax.rendering.splatting import SplatSettings, rasterize
-from vfusion3d_jax.rendering.triplane import NUM_PLANES, TriplaneDecoder
+from vfusion3d_jax.rendering.triplane import NUM_PLANES, TriplaneDecoder, query_points
 
 VIEW_BUCKETS = (1, 2, 4, 8, 16, 32)
 PLUCKER_DIM = 6
@@ -298,6 +298,7 @@ class FlexRM(nnx.Module):
         self.decoder = TriplaneDecoder(config.triplane_dim, config.decoder.hidden_dim, config.decoder.num_layers,
                                        **kwargs)
         self.gaussian_head = GaussianHead(config.triplane_dim, config.gaussians, **kwargs)
+        self.color_from_decoder = bool(config.gaussians.get("color_from_decoder", False))
 
     def encode_views(self, images: jax.Array, cameras: jax.Array, view_mask: jax.Array) -> EncodedViews:
         """Views (see `forward_planes`) -> the cross-attention context, its key mask and the
@@ -342,7 +343,15 @@ class FlexRM(nnx.Module):
         return planes if encoded.plane_offsets is None else planes + encoded.plane_offsets
 
     def gaussians(self, planes: jax.Array) -> Gaussians:
-        return self.gaussian_head(planes)
+        """The Gaussians of planes (B, 3, C, R, R). With `gaussians.color_from_decoder`, each
+        Gaussian's colour is the NeRF decoder's colour at its mean, which reads all three planes
+        (the head's colour reads only the texel's own plane: two of three planes see an object
+        edge-on from the input view, and their Gaussians would carry no colour of it)."""
+        gaussians = self.gaussian_head(planes)
+        if not self.color_from_decoder:
+            return gaussians
+        colors = query_points(self.decoder, planes, gaussians.means)["rgb"].astype(jnp.float32)
+        return dataclasses.replace(gaussians, colors=constrain(colors, BATCH_GAUSSIANS))
 
     def __call__(self, images: jax.Array, cameras: jax.Array, view_mask: jax.Array) -> Gaussians:
         """The Gaussians (B, N = 3·R²·G) of the views; see `forward_planes`."""
