@@ -75,6 +75,21 @@ def single_device_mesh():
 
 
 
+def save_random_lrm(root: Path, seed: int = 0) -> str:
+    """A random `fixture`-size LRM (64 px source views) saved in the training/convert checkpoint
+    layout under `root`; its path."""
+    from flax import nnx
+
+    from vfusion3d_jax.configs import load_config
+    from vfusion3d_jax.models import convert
+    from vfusion3d_jax.models.lrm import LRM
+
+    config = load_config("lrm.py:fixture")
+    convert.save_checkpoint(root, nnx.to_pure_dict(nnx.state(LRM(config.model, rngs=nnx.Rngs(seed)), nnx.Param)),
+                            config)
+    return str(root)
+
+
 def write_orbit_folder(root: Path, splits: dict[str, tuple[int, int]], *, num_views: int, resolution: int,
                        seed: int = 0, source=lambda index: "rendered") -> Path:
     """A `render-data`-like folder of random orbits: root/shards/<split>-<k>-of-<n>.tfrecord, where

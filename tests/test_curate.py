@@ -12,8 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from flax import nnx
+from conftest import run_cli, save_random_lrm
 from PIL import Image
 from scipy import ndimage
 
@@ -22,8 +21,6 @@ from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.curation import consistency, corruptions, curate, estimators, quality
 from vfusion3d_jax.data import example, pipeline, tfrecord
 from vfusion3d_jax.data.render_assets import render_dataset
-from vfusion3d_jax.models import convert
-from vfusion3d_jax.models.lrm import LRM
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +40,7 @@ def orbits(rendered) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("lrm")
-    config = load_config("lrm.py:fixture")
-    convert.save_checkpoint(root, nnx.to_pure_dict(nnx.state(LRM(config.model, rngs=nnx.Rngs(0)), nnx.Param)), config)
-    return str(root)
+    return save_random_lrm(tmp_path_factory.mktemp("lrm"))
 
 
 def _encode(orbit: dict, source: str, **extra) -> bytes:

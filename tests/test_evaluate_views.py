@@ -13,14 +13,10 @@ import math
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from flax import nnx
+from conftest import run_cli, save_random_lrm
 
 from vfusion3d_jax import errors, visualize
-from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.inference import evaluate_views
-from vfusion3d_jax.models import convert
-from vfusion3d_jax.models.lrm import LRM
 
 
 def test_targets_are_never_inputs():
@@ -53,10 +49,7 @@ def test_line_chart_draws_every_series_in_its_colour():
 @pytest.fixture(scope="module")
 def lrm_checkpoint(tmp_path_factory) -> str:
     """A random `fixture`-size LRM (64 px source views, FlexRM micro's are 56) as a checkpoint."""
-    root = tmp_path_factory.mktemp("lrm")
-    config = load_config("lrm.py:fixture")
-    convert.save_checkpoint(root, nnx.to_pure_dict(nnx.state(LRM(config.model, rngs=nnx.Rngs(0)), nnx.Param)), config)
-    return str(root)
+    return save_random_lrm(tmp_path_factory.mktemp("lrm"))
 
 
 def test_cli_compares_view_counts_generated_inputs_and_the_lrm(flexrm_run, mvdiffusion_checkpoint, lrm_checkpoint,

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import trimesh
-from conftest import FIXTURE_DIR, run_cli
-from flax import nnx
+from conftest import FIXTURE_DIR, run_cli, save_random_lrm
 from PIL import Image
 
 from vfusion3d_jax import cameras
@@ -30,7 +29,7 @@ from vfusion3d_jax.data.render_assets import render_dataset
 from vfusion3d_jax.data.tfrecord import iterate_records
 from vfusion3d_jax.inference import evaluate, infer, media
 from vfusion3d_jax.inference.reconstruct import Reconstructor
-from vfusion3d_jax.models import LRM, convert
+from vfusion3d_jax.models import convert
 from vfusion3d_jax.rendering.triplane import query_grid
 from vfusion3d_jax.train.metrics import chamfer_distance
 
@@ -50,11 +49,7 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     """A random `fixture`-size LRM saved in the training/convert checkpoint layout."""
-    root = tmp_path_factory.mktemp("checkpoint")
-    config = load_config("lrm.py:fixture")
-    model = LRM(config.model, rngs=nnx.Rngs(0))
-    convert.save_checkpoint(root, nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
-    return str(root)
+    return save_random_lrm(tmp_path_factory.mktemp("checkpoint"))
 
 
 @pytest.fixture(scope="module")

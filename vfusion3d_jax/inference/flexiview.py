@@ -183,15 +183,15 @@ def patch_foreground(images: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def generate_candidates(sampler: OrbitSampler, image: np.ndarray, num_orbits: int, seed: int, view_size: int,
-                        elevation_deg: float, orbit_cameras_: tuple[np.ndarray, np.ndarray]) -> CandidatePool:
+                        elevation_deg: float, frame_cameras: tuple[np.ndarray, np.ndarray]) -> CandidatePool:
     """The candidate views of one image (at the sampler's side, (h, h, 3)): every frame but the
-    first of `num_orbits` orbits at `elevation_deg`, seeds seed, seed + 1, ...; `orbit_cameras_`
+    first of `num_orbits` orbits at `elevation_deg`, seeds seed, seed + 1, ...; `frame_cameras`
     are the (source, render) cameras of the orbit's frames (`orbit_cameras`)."""
     frames = sampler.num_frames
     pose = orbit_relative_pose(frames, elevation_deg)
     orbits = sampler.sample(np.repeat(image[None], num_orbits, 0), np.ones(num_orbits, bool), pose,
                             sampler.caption(""), seed + np.arange(num_orbits))  # (O, F, h, h, 3)
-    source_cameras, render_cameras = orbit_cameras_
+    source_cameras, render_cameras = frame_cameras
     orbit, frame = (a.ravel() for a in np.meshgrid(np.arange(num_orbits), np.arange(1, frames), indexing="ij"))
     return CandidatePool(images=resize_views(orbits[orbit, frame], view_size), source_cameras=source_cameras[frame],
                          render_cameras=render_cameras[frame], orbit=orbit, frame=frame,
