@@ -97,6 +97,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
         # Learned triplane tokens: 3 planes of low_res^2; the 2x2 deconvolution doubles the resolution.
         triplane_low_res=low_res,
         triplane_dim=channels,
+        # The planes' side is upsample_factor · low_res (a stride = kernel deconvolution; official 2).
+        upsample_factor=2,
         # This project's addition (models/lrm.py SourceProjection): each triplane token also starts
         # from the image feature at its centre's projection into the source view (zero-initialised).
         # On for `tiny`, which trains from scratch in minutes and needs it to learn shape from its

@@ -40,7 +40,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from vfusion3d_jax import cameras, errors, visualize
+from vfusion3d_jax import errors, visualize
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.curation import view_selection
 from vfusion3d_jax.data.example import decode_orbit
@@ -79,6 +79,7 @@ class Candidates:
 
     pool: flexiview.CandidatePool
     scores: np.ndarray  # (K,) epipolar consistency with the source
+    source_camera: np.ndarray  # (25,) the source view's render camera, canonical
 
 
 def view_count_tasks(pattern: str, counts: list[int], *, source_view: int, view_size: int, resolution: int | None,
@@ -108,8 +109,9 @@ def generated_candidates(reconstructor: FlexReconstructor, sampler: OrbitSampler
     small = flexiview.resize_views(task.source_image[None], sampler.resolution)[0]
     pool = flexiview.generate_candidates(sampler, small, config.num_candidate_orbits, config.candidate_seed,
                                          reconstructor.view_size, task.elevation_deg, orbit_cameras)
-    scores, _ = flexiview.consistency_scores(reconstructor, task.source_image, pool, orbit_cameras[1][0])
-    return Candidates(pool, scores)
+    source_camera = orbit_cameras[1][0]
+    scores, _ = flexiview.consistency_scores(reconstructor, task.source_image, pool, source_camera)
+    return Candidates(pool, scores, source_camera)
 
 
 def with_generated_inputs(task: OrbitTask, candidates: Candidates, count: int, choice: str, seed: int) -> OrbitTask:
@@ -117,25 +119,13 @@ def with_generated_inputs(task: OrbitTask, candidates: Candidates, count: int, c
     chooses) or `random` (seeded by `seed` and the object)."""
     pool, others = candidates.pool, count - 1
     if choice == CURATED:
-        reference = cameras.render_camera(*_source_pose(task.input_cameras[0]))
         chosen = view_selection.select_views(pool.render_cameras, candidates.scores, others,
-                                             reference_camera=reference)
+                                             reference_camera=candidates.source_camera)
     else:
-        rng = np.random.default_rng([seed, zlib_crc(task.object_id)])
+        rng = np.random.default_rng([seed, zlib.crc32(task.object_id.encode("utf-8"))])
         chosen = rng.choice(len(pool.images), size=min(others, len(pool.images)), replace=False)
     return dataclasses.replace(task, input_images=np.concatenate([task.input_images[:1], pool.images[chosen]]),
                                input_cameras=np.concatenate([task.input_cameras[:1], pool.source_cameras[chosen]]))
-
-
-def _source_pose(source_camera: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cam2world (4, 4), intrinsics (3, 3)) of a 16-d source camera."""
-    cam2world = np.eye(4)
-    cam2world[:3] = source_camera[:12].reshape(3, 4)
-    return cam2world, cameras.intrinsics_matrix(*source_camera[12:16])
-
-
-def zlib_crc(text: str) -> int:
-    return zlib.crc32(text.encode("utf-8"))
 
 
 def flexrm_predictor(reconstructor: FlexReconstructor, config: ml_collections.ConfigDict):
