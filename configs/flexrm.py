@@ -120,8 +120,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
         opacity_bias=-2.0,  # initial opacity sigmoid(-2) = 0.12
         output_init_scale=0.1,  # the last layer's LeCun-normal kernel times this: Gaussians start near their init
         # Colours from the NeRF decoder at each Gaussian's mean (all three planes) instead of the
-        # head (the texel's own plane); see FlexRM.gaussians.
-        color_from_decoder=False,
+        # head (the texel's own plane); see FlexRM.gaussians. On for micro and tiny
+        # (benchmarks/RESULTS.md: 1-view PSNR +0.35 dB, swap gain +0.34 dB on the demo's data).
+        color_from_decoder=variant in ("micro", "tiny"),
     ))
     return config
 
