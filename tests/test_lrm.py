@@ -368,7 +368,8 @@ def test_source_projection_starts_at_zero_and_learns(field):
     without = model.transformer(model.encode_image(images), model.embed_camera(source))
     assert_close(model.forward_planes(images, source), without)
     grads = nnx.grad(lambda m: jnp.sum(m.forward_planes(images, source) ** 2))(model)
-    assert np.abs(np.asarray(getattr(grads, field).proj.kernel[...])).max() > 0
+    for kernel in (getattr(grads, field).proj.kernel, getattr(grads, field).colour_proj.kernel):
+        assert np.abs(np.asarray(kernel[...])).max() > 0
 
 
 def test_source_planes_put_the_input_colour_on_the_plane_facing_the_camera():
@@ -377,9 +378,9 @@ def test_source_planes_put_the_input_colour_on_the_plane_facing_the_camera():
     patches and white where they project onto white ones, scaled by how squarely the plane faces."""
     config = load_config("lrm.py:fixture", model__source_planes=True).model
     model = lrm.LRM(config, rngs=nnx.Rngs(0))
-    kernel = np.zeros(model.source_planes.proj.kernel.shape, np.float32)
-    kernel[-3:, :3] = np.eye(3)
-    model.source_planes.proj.kernel[...] = jnp.asarray(kernel)
+    kernel = np.zeros(model.source_planes.colour_proj.kernel.shape, np.float32)
+    kernel[:, :3] = np.eye(3)
+    model.source_planes.colour_proj.kernel[...] = jnp.asarray(kernel)
     size, patch = 64, config.encoder.patch_size
     images = np.ones((1, 3, size, size), np.float32)
     images[:, 1:, :, :2 * patch] = 0.0

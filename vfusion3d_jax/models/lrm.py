@@ -107,9 +107,11 @@ class SourceProjection(nnx.Module):
     def __init__(self, resolution: int, patch_size: int, num_prefix_tokens: int, context_dim: int, dim: int, *,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.resolution, self.patch_size, self.num_prefix_tokens = resolution, patch_size, num_prefix_tokens
-        self.proj = nnx.Linear(context_dim + 3, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                               kernel_init=layers.partitioned(nnx.initializers.zeros_init(), None, "embed"),
-                               rngs=rngs)
+        zeros = layers.partitioned(nnx.initializers.zeros_init(), None, "embed")
+        self.proj = nnx.Linear(context_dim, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                               kernel_init=zeros, rngs=rngs)
+        self.colour_proj = nnx.Linear(3, dim, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                      kernel_init=zeros, rngs=rngs)
 
     def __call__(self, image_features: jax.Array, images: jax.Array, source_cameras: jax.Array) -> jax.Array:
         """Image tokens (N, prefix + h·w, D_enc) of images (N, 3, H, W) -> per-cell features (N, 3·R², D)."""
@@ -118,14 +120,18 @@ class SourceProjection(nnx.Module):
         rows, cols = height // size, width // size
         grid = image_features[:, self.num_prefix_tokens:].reshape(num, rows, cols, image_features.shape[-1])
         colours = images[:, :, :rows * size, :cols * size].reshape(num, 3, rows, size, cols, size).mean((3, 5))
-        grid = jnp.concatenate([grid, jnp.moveaxis(colours, 1, -1).astype(grid.dtype)], axis=-1)
+        colours = jnp.moveaxis(colours, 1, -1).astype(grid.dtype)  # (N, rows, cols, 3)
         source_cameras = source_cameras.astype(jnp.float32)
         uv = project_to_source(jnp.asarray(triplane_token_points(self.resolution)), source_cameras)
         cells = uv * jnp.array([width, height], jnp.float32) / size - 0.5
         view_axes = source_cameras[:, :12].reshape(-1, 3, 4)[:, :, 2]  # the camera's z axis in the world
         facing = jnp.abs(view_axes @ jnp.asarray(PLANE_NORMALS).T) / jnp.linalg.norm(view_axes, axis=-1, keepdims=True)
         weights = jnp.repeat(facing, self.resolution**2, axis=1)[..., None]  # (N, 3·R², 1)
-        return self.proj(bilinear_sample(grid, cells) * weights.astype(grid.dtype))
+        weights = weights.astype(grid.dtype)
+        # Two layers rather than one on the concatenation: the same map, without joining arrays
+        # that are sharded differently (features over the embedding axis, colours not at all).
+        return (self.proj(bilinear_sample(grid, cells) * weights)
+                + self.colour_proj(bilinear_sample(colours, cells) * weights))
 
 
 def cells_to_planes(cells: jax.Array) -> jax.Array:
