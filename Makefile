@@ -19,10 +19,10 @@ demo: setup
 	$(PY) -m vfusion3d_jax demo --workdir=$(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
 
 test-all: setup
-	$(PY) -m pytest -n 2 -m ""
+	$(PY) -m pytest -n 2 --dist loadgroup -m ""
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -89,7 +89,7 @@ def get_config(variant: str = "infer") -> ml_collections.ConfigDict:
         config.candidate_seed = 0
         config.input_elevation_deg = 20.0
         config.fov_deg = math.degrees(2 * math.atan(0.5 / 0.75))
-        # Candidates whose epipolar consistency with the image (curation/view_selection.py) is
+        # Candidates whose epipolar consistency with the image (inference/view_selection.py) is
         # lower are never chosen; the rest are chosen for coverage, the best first.
         config.min_consistency = 0.0
         # Gaussians are small enough to render at the turntable's side; no mesh.

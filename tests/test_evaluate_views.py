@@ -18,6 +18,10 @@ from conftest import run_cli, save_random_lrm
 from vfusion3d_jax import errors, visualize
 from vfusion3d_jax.inference import evaluate_views
 
+# The modules that use the session's FlexRM micro run (conftest `flexrm_run`) share a test worker,
+# so the run is trained once.
+pytestmark = pytest.mark.xdist_group("flexrm_run")
+
 
 def test_targets_are_never_inputs():
     pool, targets = evaluate_views.split_views(16, source_view=3)

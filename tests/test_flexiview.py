@@ -22,6 +22,10 @@ from vfusion3d_jax.inference import flexiview, media
 from vfusion3d_jax.inference.ply import read_gaussians_ply
 from vfusion3d_jax.models import flexrm
 
+# The modules that use the session's FlexRM micro run (conftest `flexrm_run`) share a test worker,
+# so the run is trained once.
+pytestmark = pytest.mark.xdist_group("flexrm_run")
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

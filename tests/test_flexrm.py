@@ -388,19 +388,26 @@ def test_ply_layout_is_the_3dgs_one(tmp_path):
     np.testing.assert_allclose(rows[:, 13:17], gaussians.quats, rtol=1e-6)
 
 
-def test_color_from_decoder_reads_the_nerf_colour_at_each_mean(views):
-    """With `gaussians.color_from_decoder`, a Gaussian's colour is the decoder's colour at its mean
-    (all three planes), the rest is the head's; and the decoder gets the image loss's gradient."""
+def _decoder_colored(views):
     config = CONFIGS.get_config("micro").model
     config.gaussians.color_from_decoder = True
-    model = FlexRM(config, rngs=nnx.Rngs(5))
-    images, cams = (jnp.asarray(x) for x in views)
-    mask = jnp.ones((1, 4), bool)
+    return FlexRM(config, rngs=nnx.Rngs(5)), tuple(jnp.asarray(x) for x in views), jnp.ones((1, 4), bool)
+
+
+def test_color_from_decoder_reads_the_nerf_colour_at_each_mean(views):
+    """With `gaussians.color_from_decoder`, a Gaussian's colour is the decoder's colour at its mean
+    (all three planes), the rest is the head's."""
+    model, (images, cams), mask = _decoder_colored(views)
     gaussians = forward(model, images, cams, mask)
     planes = model.forward_planes(images, cams, mask)
     expected = query_points(model.decoder, planes, gaussians.means)["rgb"]
     np.testing.assert_allclose(gaussians.colors, expected, atol=1e-6)
     np.testing.assert_allclose(gaussians.means, model.gaussian_head(planes).means, atol=1e-6)
+
+
+@pytest.mark.slow  # ~1 minute of compilation
+def test_color_from_decoder_trains_the_decoder_through_the_gaussians(views):
+    model, (images, cams), mask = _decoder_colored(views)
     targets = jnp.zeros((1, 3, RESOLUTION, RESOLUTION, 3))
     grads = nnx.grad(image_loss, has_aux=True)(model, images, cams, mask, jnp.asarray(RENDER_CAMERAS), targets)[0]
     assert np.abs(np.asarray(grads.decoder.layers[0].kernel[...])).max() > 0

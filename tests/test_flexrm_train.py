@@ -27,6 +27,10 @@ from vfusion3d_jax.models.flexrm import Gaussians
 from vfusion3d_jax.rendering import splatting
 from vfusion3d_jax.train import flexrm_task, trainer
 
+# The modules that use the session's FlexRM micro run (conftest `flexrm_run`) share a test worker,
+# so the run is trained once.
+pytestmark = pytest.mark.xdist_group("flexrm_run")
+
 MICRO_TRAINING = FLEXRM_MICRO_TRAINING
 
 

@@ -205,6 +205,7 @@ def test_ema_is_the_warmed_up_average_of_the_parameters_after_each_step(data_dir
     assert moved > len(flat_ema) // 2  # an average, not a copy of the last parameters
 
 
+@pytest.mark.slow  # ~2-3 minutes: three training runs; the EMA's update is tested above and in test_finetune
 def test_the_ema_is_checkpointed_resumed_exactly_and_is_what_readers_load(data_dir, tmp_path):
     config = small_config(data_dir, train__stages__main__num_steps=4, train__checkpoint_every=2)
     whole = trainer.train_and_evaluate(config, str(tmp_path / "whole"))

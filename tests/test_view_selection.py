@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vfusion3d_jax import cameras
-from vfusion3d_jax.curation import view_selection
+from vfusion3d_jax.inference import view_selection
 from vfusion3d_jax.models.flexrm import Gaussians, render_gaussians
 from vfusion3d_jax.rendering.splatting import SplatSettings
 

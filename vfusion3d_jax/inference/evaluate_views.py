@@ -42,7 +42,7 @@ from etils import epath
 
 from vfusion3d_jax import errors, visualize
 from vfusion3d_jax.configs import load_config
-from vfusion3d_jax.curation import view_selection
+from vfusion3d_jax.inference import view_selection
 from vfusion3d_jax.data.example import decode_orbit
 from vfusion3d_jax.data.pipeline import expand_paths
 from vfusion3d_jax.data.tfrecord import iterate_records

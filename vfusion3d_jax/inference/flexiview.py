@@ -11,7 +11,7 @@ views from the multi-view diffusion model → the candidates that agree with the
    frame but the first (the input itself) is a candidate view, with the camera it was generated
    for: an orbit at `input_elevation_deg` (the elevation assumed for the image), canonicalised so
    that the input view has FlexRM's reference camera, as in training.
-3. Each candidate is scored by its consistency with the input view (`curation.view_selection`:
+3. Each candidate is scored by its consistency with the input view (`inference.view_selection`:
    mutual nearest neighbours of FlexRM's encoder patch features on the two foregrounds, kept when
    the epipolar geometry of the two known cameras allows them), and `select_views` keeps
    `num_views - 1` of those scoring at least `min_consistency`, chosen to cover the object.
@@ -44,10 +44,9 @@ from flax import nnx
 
 from vfusion3d_jax import cameras, errors, visualize
 from vfusion3d_jax.configs import load_config
-from vfusion3d_jax.curation import view_selection
-from vfusion3d_jax.curation.consistency import silhouettes
 from vfusion3d_jax.data import pipeline
-from vfusion3d_jax.inference import media, preprocess
+from vfusion3d_jax.inference import media, preprocess, view_selection
+from vfusion3d_jax.inference.generate import estimated_alpha
 from vfusion3d_jax.inference.ply import write_gaussians_ply
 from vfusion3d_jax.inference.reconstruct import resolve
 from vfusion3d_jax.inference.sample import OrbitSampler, orbit_relative_pose
@@ -178,7 +177,7 @@ def patch_foreground(images: np.ndarray, patch_size: int) -> np.ndarray:
     """(N, n²) bool: the patches of views (N, S, S, 3) over white that show some of the object."""
     num, size = images.shape[:2]
     grid = size // patch_size
-    dark = silhouettes(images[:, :grid * patch_size, :grid * patch_size])
+    dark = estimated_alpha(images[:, :grid * patch_size, :grid * patch_size]) > 0
     return dark.reshape(num, grid, patch_size, grid, patch_size).any(axis=(2, 4)).reshape(num, -1)
 
 
