@@ -12,7 +12,7 @@ Metrics over the generated frames (1 … F−1): PSNR, LPIPS (AlexNet), silhouet
 any channel darker than 0.9 on white, against the true alpha), and visual-hull consistency: the
 silhouettes of all frames carved into a 48³ voxel hull with the known cameras, each frame's
 silhouette compared (IoU) with the hull's projection; 1 = silhouettes of one 3D object. Writes
-`results.json` and `orbits.png` (per object: truth, sample, copy, mean) under --workdir.
+`results.json` and `orbits.png` (per object: truth, each sampler's orbit, copy, mean) under --workdir.
 
     python benchmarks/mvdiffusion_quality.py --workdir=/tmp/mvd_quality             # ~20 min on 2 cores
     python benchmarks/mvdiffusion_quality.py --workdir=/tmp/q --steps=50 --data_dir=/tmp/q/data   # smoke
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from PIL import Image
@@ -42,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--data_dir", default=None, help="render-data output with captions (default: <workdir>/data)")
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--init_strengths", default="1.0",
+                        help="comma-separated config.sample.init_strength values, each sampled and scored: 1 starts "
+                             "from noise, < 1 from the input view copied to every frame and noised to that level")
     parser.add_argument("--override", action="append", default=[],
                         help="config override FIELD=VALUE of configs/mvdiffusion.py:tiny (repeatable)")
     return parser.parse_args()
@@ -84,21 +88,28 @@ def main() -> None:
 
     held_out = mvdiffusion_task.eval_data_config(config)
     held_out.num_epochs, held_out.drop_remainder, held_out.batch_size = 1, False, 1
-    sample = jax.jit(lambda state, first, pose, caption, noise: mvdiffusion_task.sample_orbits(
-        nnx.merge(nnx.graphdef(model), state), config, first, pose, caption, noise))
+    strengths = [float(value) for value in args.init_strengths.split(",")]
+    samplers = {}
+    for strength in strengths:
+        strength_config = ml_collections.ConfigDict(config.to_dict())
+        strength_config.sample.init_strength = strength
+        samplers["sample" if strength == 1 else f"sample from the input, strength {strength:g}"] = jax.jit(
+            lambda state, first, pose, caption, noise, c=strength_config: mvdiffusion_task.sample_orbits(
+                nnx.merge(nnx.graphdef(model), state), c, first, pose, caption, noise))
     lpips_params = metrics.load_lpips_params(metrics.EVAL_LPIPS_NET)
-    results, rows = {"sample": [], "copy": [], "mean": []}, []
+    results, rows = {name: [] for name in [*samplers, "copy", "mean"]}, []
     for index, batch in enumerate(pipeline.make_iterator(held_out)):
         truth = batch["clip_images"][0]
         noise = jax.random.normal(jax.random.key(config.sample.seed + index), (1,) + truth.shape)
-        sampled = sample(nnx.state(model), jnp.asarray(truth[None, 0] * 2 - 1), jnp.asarray(batch["clip_relative_pose"]),
-                         jnp.asarray(batch["caption_bytes"]), noise)
-        orbits = dict(sample=np.clip((np.asarray(sampled[0]) + 1) / 2, 0, 1),
-                      copy=np.broadcast_to(truth[:1], truth.shape), mean=np.concatenate([truth[:1], mean_orbit[1:]]))
+        orbits = {}
+        for name, sample in samplers.items():
+            sampled = sample(nnx.state(model), jnp.asarray(truth[None, 0] * 2 - 1),
+                             jnp.asarray(batch["clip_relative_pose"]), jnp.asarray(batch["caption_bytes"]), noise)
+            orbits[name] = np.clip((np.asarray(sampled[0]) + 1) / 2, 0, 1)
+        orbits.update(copy=np.broadcast_to(truth[:1], truth.shape), mean=np.concatenate([truth[:1], mean_orbit[1:]]))
         for name, frames in orbits.items():
             results[name].append(scores(frames, truth, batch["clip_masks"][0], batch["clip_cameras"][0], lpips_params))
-        rows.append(np.concatenate([np.concatenate(list(frames), axis=1)
-                                    for frames in (truth, orbits["sample"], orbits["copy"], orbits["mean"])]))
+        rows.append(np.concatenate([np.concatenate(list(frames), axis=1) for frames in [truth, *orbits.values()]]))
     summary = {name: {key: float(np.mean([r[key] for r in values])) for key in values[0]}
                for name, values in results.items()}
     # The true orbits' own hull consistency: the ceiling of the metric.
@@ -109,6 +120,7 @@ def main() -> None:
                   total_seconds=round(time.perf_counter() - started, 1), truth_hull_consistency=truth_hull,
                   config=dict(frames=config.data.num_frames, resolution=config.data.clip_resolution,
                               sampler=config.sample.sampler, sample_steps=config.sample.num_steps,
+                              init_strengths=strengths,
                               image_guidance=config.sample.image_guidance, text_guidance=config.sample.text_guidance),
                   metrics=summary, per_object=results)
     (workdir / "results.json").write_text(json.dumps(report, indent=2) + "\n")

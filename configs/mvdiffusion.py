@@ -217,10 +217,11 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     # larger videos want more denoising at high noise (Wan: 3.0 at 480p, 5.0 at 720p).
     config.flow = ml_collections.ConfigDict(dict(shift=shift))
     # Sampling (`sample`, training's evaluation): "unipc" or "euler", steps, and the nested guidance
-    # scales: v = v_none + image_guidance*(v_image - v_none) + text_guidance*(v_image_text - v_image).
+    # scales: v = v_none + image_guidance*(v_image - v_none) + text_guidance*(v_image_text - v_image);
+    # init_strength < 1 starts from the input view copied to every frame, noised to that level.
     config.sample = ml_collections.ConfigDict(dict(
         sampler="unipc", num_steps=sample_steps, image_guidance=image_guidance, text_guidance=text_guidance,
-        seed=0))
+        init_strength=1.0, seed=0))
 
     config.data_dir = "data/tiny"
     config.data = _common().input_config()

@@ -85,6 +85,33 @@ def test_samplers_integrate_a_known_flow_exactly(method):
     np.testing.assert_allclose(sample, target, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["euler", "unipc"])
+def test_sampling_from_a_strength_starts_at_that_noise_level_and_lands_on_the_data(method):
+    """Image-to-image: the cut schedule starts at the first σ ≤ strength, and integrating the true
+    flow from the target noised to that level still lands on the target."""
+    target = jnp.array([[0.3, -0.7, 1.2]])
+    full = SCHEDULES[method](20, 1.0)
+    for strength in (1.0, 0.6, 0.3, 1e-4):
+        schedule = diffusion.from_strength(full, strength)
+        assert schedule.sigmas[0] <= max(strength, full.sigmas[-2]) + 1e-6
+        assert schedule.num_steps >= 1 and schedule.sigmas[-1] == 0.0
+        np.testing.assert_array_equal(schedule.sigmas, full.sigmas[-schedule.num_steps - 1:])
+    assert diffusion.from_strength(full, 1.0).num_steps == 20
+    assert diffusion.from_strength(full, 0.6).sigmas[0] > diffusion.from_strength(full, 0.3).sigmas[0]
+    with pytest.raises(ValueError, match="strength"):
+        diffusion.from_strength(full, 0.0)
+
+    schedule = diffusion.from_strength(full, 0.5)
+    sigmas = jnp.asarray(schedule.sigmas[:-1], jnp.float32)
+    timesteps = jnp.asarray(schedule.timesteps, jnp.float32)
+
+    def velocity(x, timestep):
+        return (x - target) / sigmas[jnp.argmax(timesteps == timestep)]
+
+    start = diffusion.noisy_sample(target, jax.random.normal(jax.random.key(1), (1, 3)), jnp.asarray(sigmas[:1]))
+    np.testing.assert_allclose(diffusion.SAMPLERS[method](velocity, start, schedule), target, atol=1e-5)
+
+
 def test_guidance_scale_one_is_the_conditional_prediction():
     def model(x, timestep, *, context):
         return x * context[:, :1] + timestep

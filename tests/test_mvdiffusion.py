@@ -159,6 +159,15 @@ def test_sampling_is_deterministic_and_guidance_one_is_the_conditional_flow(data
     expected = diffusion.unipc_sample(conditional, noise, schedule).at[:, 0].set(clean[:, 0])
     np.testing.assert_allclose(first, expected, atol=1e-5)
 
+    # From a strength (image-to-image): the copied input view noised to the cut schedule's first σ.
+    config.sample.init_strength = 0.5
+    partial = diffusion.from_strength(schedule, 0.5)
+    start = diffusion.noisy_sample(jnp.broadcast_to(clean[:, :1], clean.shape), noise,
+                                   jnp.full((len(clean),), partial.sigmas[0], jnp.float32))
+    expected = diffusion.unipc_sample(conditional, start, partial).at[:, 0].set(clean[:, 0])
+    from_input = mvdiffusion_task.sample_orbits(model, config, clean[:, 0], pose, caption, noise)
+    np.testing.assert_allclose(from_input, expected, atol=1e-5)
+
 
 def test_sharded_step_equals_single_device_step(data_dir):
     config = small_config(data_dir)

@@ -74,3 +74,13 @@ def unipc_flow_schedule(num_steps: int, shift: float, num_train_timesteps: int =
         sigmas[0] -= 1e-6  # diffusers: keeps log(α) finite in the first updates
     timesteps = np.trunc(sigmas * num_train_timesteps)  # cast to int64 by diffusers
     return Schedule(np.append(sigmas, 0.0).astype(np.float32).astype(np.float64), timesteps)
+
+
+def from_strength(schedule: Schedule, strength: float) -> Schedule:
+    """The steps of `schedule` from noise level `strength` on (image-to-image, SDEdit): sampling then
+    starts from a partly noised image at the first σ ≤ strength (1 = the whole schedule)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    below = np.flatnonzero(schedule.sigmas[:-1] <= strength + 1e-6)
+    start = int(below[0]) if below.size else schedule.num_steps - 1  # at least the last step
+    return Schedule(schedule.sigmas[start:], schedule.timesteps[start:])

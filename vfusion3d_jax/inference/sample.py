@@ -111,6 +111,9 @@ def sampling_config(checkpoint_config: ml_collections.ConfigDict,
             f"choose one of {sorted(diffusion.SAMPLERS)}")
     if settings.num_steps < 1:
         raise errors.InvalidConfigValueError(f"config.sample.num_steps must be >= 1, got {settings.num_steps}")
+    if not 0.0 < settings.get("init_strength", 1.0) <= 1.0:
+        raise errors.InvalidConfigValueError(
+            f"config.sample.init_strength must be in (0, 1], got {settings.init_strength}")
     return config
 
 

@@ -105,12 +105,23 @@ def sample_orbits(model: MultiViewDiffusion, config: ml_collections.ConfigDict, 
     Where `keep_image` (B,) is false (default: true everywhere) the orbit comes from the caption
     alone: the image is dropped from every prediction, so the image term vanishes and the text term
     guides against the unconditional one, v = v∅ + g_text·(v_text − v∅); frame 0 is generated too.
+
+    `config.sample.init_strength` < 1 starts from the input view copied to every frame and noised
+    to σ₀ ≤ init_strength, with the schedule's last steps (image-to-image, as SDEdit): the sample
+    keeps the copy's coarse layout and the model redraws the rest. `noise` is then the ε of that
+    start; orbits without an image start from the zero (mid-grey) frame.
     """
     settings = config.sample
     schedule = (diffusion.unipc_flow_schedule if settings.sampler == "unipc" else diffusion.flow_euler_schedule)(
         settings.num_steps, config.flow.shift)
     batch_size = first_frame.shape[0]
     keep_image = jnp.ones(batch_size, bool) if keep_image is None else jnp.asarray(keep_image, bool)
+    kept = keep_image[:, None, None, None]
+    strength = settings.get("init_strength", 1.0)
+    if strength < 1.0:
+        schedule = diffusion.from_strength(schedule, strength)
+        copies = jnp.broadcast_to(jnp.where(kept, first_frame, 0.0)[:, None], noise.shape)
+        noise = diffusion.noisy_sample(copies, noise, jnp.full((batch_size,), schedule.sigmas[0], jnp.float32))
     # The captions' tokens are the same at every step: encoded once, outside the sampler's scan.
     empty = model.encode_text(jnp.zeros_like(caption_bytes))
     text = model.encode_text(caption_bytes)
@@ -129,7 +140,6 @@ def sample_orbits(model: MultiViewDiffusion, config: ml_collections.ConfigDict, 
 
     velocity = diffusion.guided_velocity(model_velocity, conditions, [settings.image_guidance, settings.text_guidance])
     orbits = diffusion.SAMPLERS[settings.sampler](velocity, noise, schedule)
-    kept = keep_image[:, None, None, None]
     return orbits.at[:, 0].set(jnp.where(kept, first_frame, orbits[:, 0]))  # the input view, exactly
 
 
