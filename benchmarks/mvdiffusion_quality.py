@@ -55,7 +55,7 @@ def scores(frames: np.ndarray, truth: np.ndarray, true_masks: np.ndarray, render
            lpips_params) -> dict[str, float]:
     """Metrics of one orbit (F, H, W, 3) against the truth, over the generated frames 1 … F−1."""
     generated, target = jnp.asarray(frames[1:]), jnp.asarray(truth[1:])
-    masks = consistency.silhouettes(frames)
+    masks = metrics.silhouettes(frames)
     return dict(
         psnr=float(jnp.mean(metrics.psnr(generated, target))),
         lpips=float(jnp.mean(metrics.lpips(lpips_params, generated, target))),

@@ -15,15 +15,6 @@ import numpy as np
 
 from vfusion3d_jax import cameras
 
-# A pixel darker than this in any channel is foreground (objects over white, the renderer's and
-# the diffusion model's background).
-FOREGROUND_THRESHOLD = 0.9
-
-
-def silhouettes(frames: np.ndarray, threshold: float = FOREGROUND_THRESHOLD) -> np.ndarray:
-    """Foreground of frames (..., H, W, 3) in [0, 1] over white: bool (..., H, W)."""
-    return np.min(frames, axis=-1) < threshold
-
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks; 1 when both are empty."""

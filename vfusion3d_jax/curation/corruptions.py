@@ -21,8 +21,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-from vfusion3d_jax.curation.consistency import silhouettes
 from vfusion3d_jax.data.pipeline import composite_on_white
+from vfusion3d_jax.train.metrics import silhouettes
 
 BLUR_SIGMA = 1.5  # px at 64 px
 NOISE_SIGMA = 0.15

@@ -52,13 +52,12 @@ from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data import clips, example, pipeline, storage, tfrecord
 from vfusion3d_jax.inference import preprocess
 from vfusion3d_jax.inference.sample import OrbitSampler
+from vfusion3d_jax.train import metrics
 
 SHARD_DIR = "shards"
 SUMMARY_FILE = "summary.json"
 SETTINGS_FILE = "generate_config.json"
 SHARD_PREFIX = "synthetic"
-# A pixel darker than this in any channel is foreground (objects over white): the synthetic alpha.
-FOREGROUND_THRESHOLD = 0.9
 # Config fields that do not change the output bytes.
 _OUTPUT_NEUTRAL_FIELDS = ("batch_size", "fps")
 
@@ -194,8 +193,8 @@ def orbit_cameras(azimuth_deg: float, elevation_deg: float, num_frames: int, con
 
 def estimated_alpha(frames: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W) foreground of frames in [0, 1] over white: 255 where any channel is darker
-    than FOREGROUND_THRESHOLD (a generated frame has no alpha of its own)."""
-    return np.where(frames.min(axis=-1) < FOREGROUND_THRESHOLD, 255, 0).astype(np.uint8)
+    than metrics.FOREGROUND_THRESHOLD (a generated frame has no alpha of its own)."""
+    return np.where(metrics.silhouettes(frames), 255, 0).astype(np.uint8)
 
 
 def orbit_seed(seed: int, object_id: str) -> int:

@@ -154,6 +154,16 @@ def foreground_psnr(images: jax.Array, references: jax.Array, opacity: jax.Array
     return jnp.where(count > 0, -10.0 * jnp.log10(mse), jnp.nan)  # inf for a perfect foreground, as psnr
 
 
+# A pixel darker than this in any channel is foreground: objects over white, the renderer's and the
+# diffusion model's background. For frames without alpha (generated orbits, samples).
+FOREGROUND_THRESHOLD = 0.9
+
+
+def silhouettes(frames, threshold: float = FOREGROUND_THRESHOLD):
+    """Foreground of frames (..., H, W, 3) in [0, 1] over white: bool (..., H, W); NumPy or jnp."""
+    return frames.min(axis=-1) < threshold
+
+
 def silhouette_iou(opacity: jax.Array, masks: jax.Array, threshold: float = 0.5) -> jax.Array:
     """IoU per image of the rendered silhouette (opacity > threshold) and the true one, (N, H, W, 1)
     each; 1 where both are empty."""

@@ -32,7 +32,6 @@ from vfusion3d_jax.train import metrics, sharding
 NAME = "Multi-view diffusion"
 INPUT_KEYS = ("clip_images", "clip_masks", "clip_relative_pose", "caption_bytes")
 VALIDATION_SIGMAS = (0.25, 0.5, 0.75)
-FOREGROUND_THRESHOLD = 0.9  # a pixel darker than this in any channel is foreground (objects on white)
 
 
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MultiViewDiffusion:
@@ -169,7 +168,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model_graphdef, mesh: jax.
         generated = (slice(None), slice(1, None))
         flat = lambda x: x[generated].reshape((-1,) + x.shape[2:])
         values["psnr"] = metrics.psnr(flat(pixels), flat(truth)).reshape(batch_size, -1).mean(axis=1)
-        silhouette = (jnp.min(flat(pixels), axis=-1, keepdims=True) < FOREGROUND_THRESHOLD).astype(jnp.float32)
+        silhouette = metrics.silhouettes(flat(pixels))[..., None].astype(jnp.float32)
         values["iou"] = metrics.silhouette_iou(silhouette, flat(batch["clip_masks"])).reshape(batch_size, -1).mean(1)
         return values, pixels
 
