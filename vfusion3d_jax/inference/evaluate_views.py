@@ -84,7 +84,8 @@ class Candidates:
 
 def view_count_tasks(pattern: str, counts: list[int], *, source_view: int, view_size: int, resolution: int | None,
                      max_objects: int | None) -> dict[int, list[OrbitTask]]:
-    """{k: the tasks of every orbit with k rendered input views}; orbits decoded once."""
+    """{k: the tasks of every orbit with k rendered input views}; each orbit decoded and prepared
+    once, with its whole input pool, of which each count takes its spread."""
     tasks: dict[int, list[OrbitTask]] = {k: [] for k in counts}
     for shard in expand_paths(pattern):
         for record in iterate_records(shard):
@@ -92,10 +93,12 @@ def view_count_tasks(pattern: str, counts: list[int], *, source_view: int, view_
                 return tasks
             orbit = decode_orbit(record)
             pool, targets = split_views(orbit["num_views"], source_view)
+            task = evaluate.orbit_task(orbit, source_view=source_view, source_size=view_size, resolution=resolution,
+                                       target_views=targets, input_views=pool[1:])
             for k in counts:
-                tasks[k].append(evaluate.orbit_task(orbit, source_view=source_view, source_size=view_size,
-                                                    resolution=resolution, target_views=targets,
-                                                    input_views=spread(pool, k)[1:]))
+                chosen = spread(list(range(len(pool))), k)  # positions in the pool, the source first
+                tasks[k].append(dataclasses.replace(task, input_images=task.input_images[chosen],
+                                                    input_cameras=task.input_cameras[chosen]))
     return tasks
 
 
