@@ -135,3 +135,15 @@ def test_an_lrm_checkpoint_is_refused(tmp_path):
     convert.save_checkpoint(tmp_path, {"weights": np.zeros(1, np.float32)}, load_config("lrm.py:fixture"))
     with pytest.raises(errors.InvalidCheckpointError, match="not a multi-view diffusion model"):
         sample.load_orbit_model(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("num_steps", 0), ("init_strength", 0.0), ("init_strength", 1.5),
+                                          ("sampler", "ddim")])
+def test_sampler_settings_out_of_range_are_config_errors(field, value):
+    checkpoint_config = load_config("mvdiffusion.py:tiny")
+    job = load_config("sample.py")
+    job.sample[field] = value
+    with pytest.raises(errors.InvalidConfigValueError, match=field):
+        sample.sampling_config(checkpoint_config, job)
+    job.sample[field] = None  # the checkpoint's own settings are valid
+    assert sample.sampling_config(checkpoint_config, job).sample.init_strength == 1.0
