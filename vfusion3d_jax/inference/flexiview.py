@@ -46,7 +46,6 @@ from vfusion3d_jax import cameras, errors, visualize
 from vfusion3d_jax.configs import load_config
 from vfusion3d_jax.data import pipeline
 from vfusion3d_jax.inference import media, preprocess, view_selection
-from vfusion3d_jax.inference.generate import estimated_alpha
 from vfusion3d_jax.inference.ply import write_gaussians_ply
 from vfusion3d_jax.inference.reconstruct import resolve
 from vfusion3d_jax.inference.sample import OrbitSampler, orbit_relative_pose
@@ -54,6 +53,7 @@ from vfusion3d_jax.models import convert, flexrm
 from vfusion3d_jax.models.convert import OFFICIAL_INFERENCE
 from vfusion3d_jax.models.flexrm import FlexRM, Gaussians
 from vfusion3d_jax.rendering import splatting
+from vfusion3d_jax.train import metrics
 
 SUMMARY_FILE = "summary.json"
 
@@ -177,7 +177,7 @@ def patch_foreground(images: np.ndarray, patch_size: int) -> np.ndarray:
     """(N, n²) bool: the patches of views (N, S, S, 3) over white that show some of the object."""
     num, size = images.shape[:2]
     grid = size // patch_size
-    dark = estimated_alpha(images[:, :grid * patch_size, :grid * patch_size]) > 0
+    dark = metrics.silhouettes(images[:, :grid * patch_size, :grid * patch_size])
     return dark.reshape(num, grid, patch_size, grid, patch_size).any(axis=(2, 4)).reshape(num, -1)
 
 

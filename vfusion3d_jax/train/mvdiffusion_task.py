@@ -116,11 +116,11 @@ def sample_orbits(model: MultiViewDiffusion, config: ml_collections.ConfigDict, 
     batch_size = first_frame.shape[0]
     keep_image = jnp.ones(batch_size, bool) if keep_image is None else jnp.asarray(keep_image, bool)
     kept = keep_image[:, None, None, None]
-    strength = settings.get("init_strength", 1.0)
+    initial, strength = noise, settings.get("init_strength", 1.0)
     if strength < 1.0:
         schedule = diffusion.from_strength(schedule, strength)
         copies = jnp.broadcast_to(jnp.where(kept, first_frame, 0.0)[:, None], noise.shape)
-        noise = diffusion.noisy_sample(copies, noise, jnp.full((batch_size,), schedule.sigmas[0], jnp.float32))
+        initial = diffusion.noisy_sample(copies, noise, jnp.full((batch_size,), schedule.sigmas[0], jnp.float32))
     # The captions' tokens are the same at every step: encoded once, outside the sampler's scan.
     empty = model.encode_text(jnp.zeros_like(caption_bytes))
     text = model.encode_text(caption_bytes)
@@ -138,7 +138,7 @@ def sample_orbits(model: MultiViewDiffusion, config: ml_collections.ConfigDict, 
         return model(noisy, sigmas, first, pose, text, keep)
 
     velocity = diffusion.guided_velocity(model_velocity, conditions, [settings.image_guidance, settings.text_guidance])
-    orbits = diffusion.SAMPLERS[settings.sampler](velocity, noise, schedule)
+    orbits = diffusion.SAMPLERS[settings.sampler](velocity, initial, schedule)
     return orbits.at[:, 0].set(jnp.where(kept, first_frame, orbits[:, 0]))  # the input view, exactly
 
 
