@@ -215,7 +215,12 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     ))
     # Flow matching: noise levels drawn uniformly then shifted, sigma -> shift*sigma/(1+(shift-1)*sigma);
     # larger videos want more denoising at high noise (Wan: 3.0 at 480p, 5.0 at 720p).
-    config.flow = ml_collections.ConfigDict(dict(shift=shift))
+    # What the transformer predicts: "velocity" (ε − x₀, as Wan and its checkpoints) or "clean" (x₀,
+    # turned into the velocity; `tiny`, a pixel-space model from scratch: see models/mvdiffusion.py).
+    # The loss: the squared error of the "velocity", or of the "clean" sample it implies (σ² times it,
+    # more weight on high noise, where an orbit's layout is decided).
+    predicts = "clean" if variant == "tiny" else "velocity"
+    config.flow = ml_collections.ConfigDict(dict(shift=shift, prediction=predicts, loss_space=predicts))
     # Sampling (`sample`, training's evaluation): "unipc" or "euler", steps, and the nested guidance
     # scales: v = v_none + image_guidance*(v_image - v_none) + text_guidance*(v_image_text - v_image);
     # init_strength < 1 starts from the input view copied to every frame, noised to that level.

@@ -19,6 +19,13 @@ kept, are concatenated to each frame's (Wan's image-to-video form concatenates a
 image to the latents the same way, there for frame 0 only), so every frame can start from the
 input view's pixels instead of finding them through attention. Its transformer then takes
 2·C + 1 input channels.
+
+What the transformer predicts (`config.flow.prediction`): Wan predicts the velocity ε − x₀, which
+a pretrained checkpoint keeps. A small pixel-space model trained from scratch predicts the clean
+orbit x̂₀ instead ("clean"; JiT, Li & He 2025), turned into the velocity (x_σ − x̂₀)/σ that the loss
+and the samplers use. To output ε − x₀ the network must reproduce every pixel's noise through all
+its layers, an identity that a small, briefly trained network only approximates, and what it
+misses is left as speckle in every sample; clean orbits lie on a far smaller set.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from vfusion3d_jax import diffusion
 from vfusion3d_jax.models import layers
 from vfusion3d_jax.models.wan.transformer import WanTransformer
 
 POSE_DIM = 3  # azimuth from frame 0, elevation, elevation of frame 0 (degrees)
 POSE_HARMONICS = 4
 CAPTION_VOCABULARY = 256  # UTF-8 bytes; 0 pads (it never occurs in text)
+PREDICTIONS = ("velocity", "clean")  # what the transformer outputs (`config.flow.prediction`)
 
 
 def pose_features(relative_pose: jax.Array) -> jax.Array:
@@ -118,6 +127,9 @@ class MultiViewDiffusion(nnx.Module):
         self.text_encoder = (ByteTextEncoder(conditioning.text_encoder, config.model.text_dim, rngs=rngs)
                              if conditioning.text_encoder is not None else None)
         self.input_view_channels = bool(conditioning.get("input_view_channels", False))
+        self.prediction = config.flow.get("prediction", "velocity")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"flow.prediction is {self.prediction!r}; choose one of {PREDICTIONS}")
         expected = 2 * config.model.out_channels + 1 if self.input_view_channels else config.model.out_channels
         if config.model.in_channels != expected:
             raise ValueError(f"model.in_channels is {config.model.in_channels}, but with out_channels "
@@ -144,6 +156,7 @@ class MultiViewDiffusion(nnx.Module):
         keep = keep_first_frame.astype(bool)
         is_first = (jnp.arange(frames) == 0)[None, :] & keep[:, None]  # (B, F)
         video = jnp.where(is_first[:, :, None, None, None], first_frame[:, None].astype(noisy.dtype), noisy)
+        current = video  # the kept input frame is clean: the state its velocity is relative to
         grid = self.transformer.token_grid(video.shape)
         frame_timesteps = jnp.where(is_first, 0.0, sigmas[:, None] * 1000.0)  # (B, F)
         tokens_per_frame = grid[1] * grid[2]
@@ -155,7 +168,10 @@ class MultiViewDiffusion(nnx.Module):
             view = jnp.where(shown, first_frame[:, None].astype(video.dtype), 0.0)
             video = jnp.concatenate([video, jnp.broadcast_to(view, video.shape),
                                      jnp.broadcast_to(shown.astype(video.dtype), video.shape[:-1] + (1,))], axis=-1)
-        return self.transformer(video, timesteps, text, temb_offset=offsets)
+        output = self.transformer(video, timesteps, text, temb_offset=offsets)
+        if self.prediction == "clean":
+            return diffusion.velocity_from_clean(current, output.astype(jnp.float32), sigmas)
+        return output
 
     @staticmethod
     def _token_frames(frames: int, token_frames: int, tokens_per_frame: int) -> np.ndarray:

@@ -4,9 +4,12 @@
 and the image grid (see `trainer.TASKS`). One step, as Wan trains: a batch of orbit clips (frame 0
 is the input view) in the codec's space x₀, noise ε, a noise level σ per clip drawn uniformly and
 shifted (`config.flow.shift`), x_σ = (1 − σ)·x₀ + σ·ε, and the mean squared error of the model's
-velocity against ε − x₀ over the generated frames. Classifier-free guidance is learned by
-dropping the image (frame 0 then is generated too) and the caption independently
-(`config.conditioning.image_dropout`, `text_dropout`).
+velocity against ε − x₀ over the generated frames. A model that predicts the clean orbit
+(`config.flow.prediction="clean"`) returns the velocity its prediction implies, so that error is
+‖x₀ − x̂₀‖²/σ² for it; `config.flow.loss_space="clean"` scores ‖x₀ − x̂₀‖² instead (σ² times the
+velocity error: relatively more weight at high noise, where an orbit's layout is decided).
+Classifier-free guidance is learned by dropping the image (frame 0 then is generated too) and
+the caption independently (`config.conditioning.image_dropout`, `text_dropout`).
 
 Evaluation on held-out clips: the flow-matching loss at fixed noise levels (a deterministic
 validation curve), and orbits sampled from each clip's first frame and caption with the
@@ -61,12 +64,16 @@ def text_embeddings(model: MultiViewDiffusion, caption_bytes: jax.Array, keep_te
 
 
 def flow_matching_loss(model: MultiViewDiffusion, clean: jax.Array, noise: jax.Array, sigmas: jax.Array,
-                       relative_pose: jax.Array, text: jax.Array, keep_image: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per clip, the mean squared velocity error over the generated frames (B,), and the mean."""
+                       relative_pose: jax.Array, text: jax.Array, keep_image: jax.Array,
+                       loss_space: str = "velocity") -> tuple[jax.Array, jax.Array]:
+    """Per clip, the mean squared error over the generated frames (B,), and the mean: of the
+    velocity, or (`loss_space="clean"`) of the clean sample it implies, x̂₀ = x_σ − σ·v̂: σ²·‖v̂ − v‖²."""
     noisy = diffusion.noisy_sample(clean, noise, sigmas)
     velocity = model(noisy, sigmas, clean[:, 0], relative_pose, text, keep_image)
     errors = jnp.mean(jnp.square(velocity.astype(jnp.float32) - diffusion.velocity_target(clean, noise)),
                       axis=(2, 3, 4))  # (B, F)
+    if loss_space == "clean":
+        errors = errors * jnp.square(sigmas)[:, None]
     generated = jnp.ones_like(errors).at[:, 0].set(jnp.where(keep_image, 0.0, 1.0))
     per_clip = jnp.sum(errors * generated, axis=1) / jnp.sum(generated, axis=1)
     return per_clip, jnp.mean(per_clip)
@@ -87,7 +94,8 @@ def loss_fn(config: ml_collections.ConfigDict):
         keep_text = jax.random.uniform(text_key, (batch_size,)) >= conditioning.text_dropout
         text = text_embeddings(model, batch["caption_bytes"], keep_text)
         poses = frame_poses(batch["clip_relative_pose"], codec.frame_stride)
-        _, value = flow_matching_loss(model, clean, noise, sigmas, poses, text, keep_image)
+        _, value = flow_matching_loss(model, clean, noise, sigmas, poses, text, keep_image,
+                                      config.flow.get("loss_space", "velocity"))
         return value, dict(flow_matching=value)
 
     return loss
