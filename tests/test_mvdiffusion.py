@@ -139,6 +139,8 @@ def test_a_clean_predicting_model_turns_its_output_into_the_implied_velocity(dat
     np.testing.assert_allclose(per_clip, expected, rtol=1e-4)
     with pytest.raises(ValueError, match="flow.prediction"):
         MultiViewDiffusion(small_config(data_dir, flow__prediction="noise"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="flow.loss_space"):
+        mvdiffusion_task.loss_fn(small_config(data_dir, flow__loss_space="noise"))
 
 
 def test_the_kept_input_frame_is_clean_and_not_part_of_the_loss(data_dir):

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from vfusion3d_jax import diffusion
+from vfusion3d_jax import diffusion, errors
 from vfusion3d_jax.data import pipeline
 from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion, frame_poses
 from vfusion3d_jax.models.mvdiffusion import count_parameters as _count_parameters
@@ -35,6 +35,7 @@ from vfusion3d_jax.train import metrics, sharding
 NAME = "Multi-view diffusion"
 INPUT_KEYS = ("clip_images", "clip_masks", "clip_relative_pose", "caption_bytes")
 VALIDATION_SIGMAS = (0.25, 0.5, 0.75)
+LOSS_SPACES = ("velocity", "clean")
 
 
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MultiViewDiffusion:
@@ -79,9 +80,17 @@ def flow_matching_loss(model: MultiViewDiffusion, clean: jax.Array, noise: jax.A
     return per_clip, jnp.mean(per_clip)
 
 
+def loss_space(config: ml_collections.ConfigDict) -> str:
+    """`config.flow.loss_space`, checked (a run trained before it existed: "velocity")."""
+    space = config.flow.get("loss_space", "velocity")
+    if space not in LOSS_SPACES:
+        raise errors.InvalidConfigValueError(f"config.flow.loss_space is {space!r}; choose one of {LOSS_SPACES}")
+    return space
+
+
 def loss_fn(config: ml_collections.ConfigDict):
     """`(model, batch, key, aux) → (loss, terms)` of one flow-matching step."""
-    conditioning, shift = config.conditioning, config.flow.shift
+    conditioning, shift, space = config.conditioning, config.flow.shift, loss_space(config)
     codec = make_codec(config.codec)  # a VAE's weights are read once, here
 
     def loss(model: MultiViewDiffusion, batch, key, aux):
@@ -94,8 +103,7 @@ def loss_fn(config: ml_collections.ConfigDict):
         keep_text = jax.random.uniform(text_key, (batch_size,)) >= conditioning.text_dropout
         text = text_embeddings(model, batch["caption_bytes"], keep_text)
         poses = frame_poses(batch["clip_relative_pose"], codec.frame_stride)
-        _, value = flow_matching_loss(model, clean, noise, sigmas, poses, text, keep_image,
-                                      config.flow.get("loss_space", "velocity"))
+        _, value = flow_matching_loss(model, clean, noise, sigmas, poses, text, keep_image, space)
         return value, dict(flow_matching=value)
 
     return loss
@@ -168,7 +176,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model_graphdef, mesh: jax.
         values = {}
         for sigma in VALIDATION_SIGMAS:
             values[f"loss_sigma_{sigma:g}"], _ = flow_matching_loss(
-                model, clean, noise, jnp.full((batch_size,), sigma), poses, text, keep)
+                model, clean, noise, jnp.full((batch_size,), sigma), poses, text, keep, loss_space(config))
         orbits = sample_orbits(model, config, clean[:, 0], poses, batch["caption_bytes"],
                                jax.random.normal(jax.random.fold_in(key, 1), clean.shape, jnp.float32))
         pixels = jnp.clip((codec.decode(orbits) + 1.0) / 2.0, 0.0, 1.0)
