@@ -10,6 +10,7 @@ from conftest import WAN_FIXTURE_DIR
 from flax import nnx
 
 from vfusion3d_jax import diffusion
+from vfusion3d_jax.models.mvdiffusion import MIN_VELOCITY_SIGMA, velocity_from_clean
 
 SCHEDULES = {"euler": diffusion.flow_euler_schedule, "unipc": diffusion.unipc_flow_schedule}
 
@@ -85,10 +86,10 @@ def test_samplers_integrate_a_known_flow_exactly(method):
     np.testing.assert_allclose(sample, target, atol=1e-5)
     # A model that predicts the clean sample (`flow.prediction="clean"`) and is right gives the
     # same velocity wherever σ is above the clip, so the samplers land on its prediction too.
-    clean_velocity = lambda x, timestep: diffusion.velocity_from_clean(
+    clean_velocity = lambda x, timestep: velocity_from_clean(
         x, target, sigmas[jnp.argmax(timesteps == timestep)][None])
     sample = diffusion.SAMPLERS[method](clean_velocity, jax.random.normal(jax.random.key(0), (1, 3)), schedule)
-    if float(sigmas.min()) >= diffusion.schedules.MIN_VELOCITY_SIGMA:
+    if float(sigmas.min()) >= MIN_VELOCITY_SIGMA:
         np.testing.assert_allclose(sample, target, atol=1e-5)
     else:  # Euler's last σ (0.009) is under the clip: the last step leaves a sliver of that σ's noise
         assert 1e-4 < float(jnp.abs(sample - target).max()) < 0.05
@@ -97,7 +98,7 @@ def test_samplers_integrate_a_known_flow_exactly(method):
 def test_a_clean_prediction_implies_the_flow_velocity_above_the_clip():
     clean, noise = jax.random.normal(jax.random.key(0), (2, 2, 5, 3))
     sigmas = jnp.array([0.7, 0.01])
-    implied = diffusion.velocity_from_clean(diffusion.noisy_sample(clean, noise, sigmas), clean, sigmas)
+    implied = velocity_from_clean(diffusion.noisy_sample(clean, noise, sigmas), clean, sigmas)
     np.testing.assert_allclose(implied[0], diffusion.velocity_target(clean, noise)[0], atol=1e-5)
     # Below the clip the implied velocity is shrunk by σ / clip, never blown up by 1 / σ.
     np.testing.assert_allclose(implied[1], diffusion.velocity_target(clean, noise)[1] * 0.01 / 0.05, atol=1e-5)

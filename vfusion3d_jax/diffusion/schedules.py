@@ -45,18 +45,6 @@ def velocity_target(clean: jax.Array, noise: jax.Array) -> jax.Array:
     return noise - clean
 
 
-# The smallest σ that `velocity_from_clean` divides by (JiT's clip of t): below it the velocity of
-# a clean-image prediction would amplify that prediction's error without bound.
-MIN_VELOCITY_SIGMA = 0.05
-
-
-def velocity_from_clean(noisy: jax.Array, clean: jax.Array, sigmas: jax.Array) -> jax.Array:
-    """The velocity (x_σ − x̂₀) / σ that a prediction x̂₀ of the clean sample implies at x_σ (since
-    x_σ = x₀ + σ·(ε − x₀)), σ (leading axes) clipped below at MIN_VELOCITY_SIGMA."""
-    sigmas = sigmas.reshape(sigmas.shape + (1,) * (noisy.ndim - sigmas.ndim))
-    return (noisy - clean) / jnp.maximum(sigmas, MIN_VELOCITY_SIGMA)
-
-
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Noise levels σ₀ > … > σ_N = 0 (N + 1 values) and the model's timestep input at each of the N steps."""

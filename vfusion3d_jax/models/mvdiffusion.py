@@ -36,7 +36,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from vfusion3d_jax import diffusion
 from vfusion3d_jax.models import layers
 from vfusion3d_jax.models.wan.transformer import WanTransformer
 
@@ -44,6 +43,16 @@ POSE_DIM = 3  # azimuth from frame 0, elevation, elevation of frame 0 (degrees)
 POSE_HARMONICS = 4
 CAPTION_VOCABULARY = 256  # UTF-8 bytes; 0 pads (it never occurs in text)
 PREDICTIONS = ("velocity", "clean")  # what the transformer outputs (`config.flow.prediction`)
+# The smallest σ that `velocity_from_clean` divides by (JiT's clip of t): below it the velocity of
+# a clean-image prediction would amplify that prediction's error without bound.
+MIN_VELOCITY_SIGMA = 0.05
+
+
+def velocity_from_clean(noisy: jax.Array, clean: jax.Array, sigmas: jax.Array) -> jax.Array:
+    """The velocity (x_σ − x̂₀) / σ that a prediction x̂₀ of the clean sample implies at x_σ (the flow of
+    `diffusion.schedules`: x_σ = x₀ + σ·(ε − x₀)); σ (leading axes) clipped below at MIN_VELOCITY_SIGMA."""
+    sigmas = sigmas.reshape(sigmas.shape + (1,) * (noisy.ndim - sigmas.ndim))
+    return (noisy - clean) / jnp.maximum(sigmas, MIN_VELOCITY_SIGMA)
 
 
 def pose_features(relative_pose: jax.Array) -> jax.Array:
@@ -170,7 +179,7 @@ class MultiViewDiffusion(nnx.Module):
                                      jnp.broadcast_to(shown.astype(video.dtype), video.shape[:-1] + (1,))], axis=-1)
         output = self.transformer(video, timesteps, text, temb_offset=offsets)
         if self.prediction == "clean":
-            return diffusion.velocity_from_clean(current, output.astype(jnp.float32), sigmas)
+            return velocity_from_clean(current, output.astype(jnp.float32), sigmas)
         return output
 
     @staticmethod
