@@ -123,7 +123,8 @@ def test_a_clean_predicting_model_turns_its_output_into_the_implied_velocity(dat
     clean_model = MultiViewDiffusion(small_config(data_dir, flow__prediction="clean"), rngs=nnx.Rngs(0))
     batch = first_batch(small_config(data_dir))
     clean = jnp.asarray(batch["clip_images"]) * 2 - 1
-    noisy = diffusion.noisy_sample(clean, jax.random.normal(jax.random.key(0), clean.shape), jnp.full(len(clean), .5))
+    noise = jax.random.normal(jax.random.key(0), clean.shape)
+    noisy = diffusion.noisy_sample(clean, noise, jnp.full(len(clean), 0.5))
     text = velocity_model.encode_text(jnp.asarray(batch["caption_bytes"]))
     inputs = (jnp.full(len(clean), 0.5), clean[:, 0], jnp.asarray(batch["clip_relative_pose"]), text,
               jnp.ones(len(clean), bool))
@@ -131,7 +132,6 @@ def test_a_clean_predicting_model_turns_its_output_into_the_implied_velocity(dat
     np.testing.assert_allclose(clean_model(noisy, *inputs), (current - velocity_model(noisy, *inputs)) / 0.5,
                                rtol=1e-5, atol=1e-5)
     # `flow.loss_space="clean"` scores that x̂₀ against x₀, over the generated frames.
-    noise = (noisy - 0.5 * clean) / 0.5
     per_clip, _ = mvdiffusion_task.flow_matching_loss(clean_model, clean, noise, inputs[0], *inputs[2:],
                                                       loss_space="clean")
     predicted = velocity_model(noisy, *inputs)

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from vfusion3d_jax import errors
 from vfusion3d_jax.models import layers
 from vfusion3d_jax.models.wan.transformer import WanTransformer
 
@@ -138,7 +139,8 @@ class MultiViewDiffusion(nnx.Module):
         self.input_view_channels = bool(conditioning.get("input_view_channels", False))
         self.prediction = config.flow.get("prediction", "velocity")
         if self.prediction not in PREDICTIONS:
-            raise ValueError(f"flow.prediction is {self.prediction!r}; choose one of {PREDICTIONS}")
+            raise errors.InvalidConfigValueError(
+                f"config.flow.prediction is {self.prediction!r}; choose one of {PREDICTIONS}")
         expected = 2 * config.model.out_channels + 1 if self.input_view_channels else config.model.out_channels
         if config.model.in_channels != expected:
             raise ValueError(f"model.in_channels is {config.model.in_channels}, but with out_channels "

@@ -71,12 +71,12 @@ def flow_matching_loss(model: MultiViewDiffusion, clean: jax.Array, noise: jax.A
     velocity, or (`loss_space="clean"`) of the clean sample it implies, x̂₀ = x_σ − σ·v̂: σ²·‖v̂ − v‖²."""
     noisy = diffusion.noisy_sample(clean, noise, sigmas)
     velocity = model(noisy, sigmas, clean[:, 0], relative_pose, text, keep_image)
-    errors = jnp.mean(jnp.square(velocity.astype(jnp.float32) - diffusion.velocity_target(clean, noise)),
-                      axis=(2, 3, 4))  # (B, F)
+    frame_errors = jnp.mean(jnp.square(velocity.astype(jnp.float32) - diffusion.velocity_target(clean, noise)),
+                            axis=(2, 3, 4))  # (B, F)
     if loss_space == "clean":
-        errors = errors * jnp.square(sigmas)[:, None]
-    generated = jnp.ones_like(errors).at[:, 0].set(jnp.where(keep_image, 0.0, 1.0))
-    per_clip = jnp.sum(errors * generated, axis=1) / jnp.sum(generated, axis=1)
+        frame_errors = frame_errors * jnp.square(sigmas)[:, None]
+    generated = jnp.ones_like(frame_errors).at[:, 0].set(jnp.where(keep_image, 0.0, 1.0))
+    per_clip = jnp.sum(frame_errors * generated, axis=1) / jnp.sum(generated, axis=1)
     return per_clip, jnp.mean(per_clip)
 
 
@@ -162,7 +162,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model_graphdef, mesh: jax.
                    rules: sharding.LogicalRules):
     """The jitted evaluation: validation losses at fixed noise levels, and sampled orbits scored
     against the truth (PSNR and silhouette IoU over the generated frames)."""
-    codec = make_codec(config.codec)
+    codec, space = make_codec(config.codec), loss_space(config)
 
     def eval_step(model_state, batch, aux):
         model = nnx.merge(model_graphdef, model_state)
@@ -176,7 +176,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model_graphdef, mesh: jax.
         values = {}
         for sigma in VALIDATION_SIGMAS:
             values[f"loss_sigma_{sigma:g}"], _ = flow_matching_loss(
-                model, clean, noise, jnp.full((batch_size,), sigma), poses, text, keep, loss_space(config))
+                model, clean, noise, jnp.full((batch_size,), sigma), poses, text, keep, space)
         orbits = sample_orbits(model, config, clean[:, 0], poses, batch["caption_bytes"],
                                jax.random.normal(jax.random.fold_in(key, 1), clean.shape, jnp.float32))
         pixels = jnp.clip((codec.decode(orbits) + 1.0) / 2.0, 0.0, 1.0)
