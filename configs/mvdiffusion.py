@@ -223,10 +223,12 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     config.flow = ml_collections.ConfigDict(dict(shift=shift, prediction=predicts, loss_space=predicts))
     # Sampling (`sample`, training's evaluation): "unipc" or "euler", steps, and the nested guidance
     # scales: v = v_none + image_guidance*(v_image - v_none) + text_guidance*(v_image_text - v_image);
+    # guidance_interval (low, high): guide only at noise levels σ in it, elsewhere the fully
+    # conditioned prediction (diffusion.guided_velocity); (0, 1) guides every step.
     # init_strength < 1 starts from the input view copied to every frame, noised to that level.
     config.sample = ml_collections.ConfigDict(dict(
         sampler="unipc", num_steps=sample_steps, image_guidance=image_guidance, text_guidance=text_guidance,
-        init_strength=1.0, seed=0))
+        guidance_interval=(0.0, 1.0), init_strength=1.0, seed=0))
 
     config.data_dir = "data/tiny"
     config.data = _common().input_config()

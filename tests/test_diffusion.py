@@ -144,6 +144,19 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     np.testing.assert_allclose(guided, 2.0 + 5.0 * x)  # v₀ + 5·(v₁ − v₀)
 
 
+def test_guidance_in_an_interval_guides_inside_it_and_is_the_conditional_prediction_outside():
+    def model(x, timestep, *, context):
+        return x * context[:, :1] + timestep
+
+    x = jnp.arange(6.0).reshape(2, 3)
+    conditions = [dict(context=jnp.zeros((2, 4))), dict(context=jnp.ones((2, 4)))]
+    velocity = jax.jit(diffusion.guided_velocity(model, conditions, [5.0], interval=(0.3, 0.8)))
+    for timestep in (300.0, 550.0, 800.0):  # σ 0.3, 0.55, 0.8: guided, ends included
+        np.testing.assert_allclose(velocity(x, jnp.float32(timestep)), timestep + 5.0 * x)
+    for timestep in (100.0, 950.0):  # outside: the conditional prediction v₁
+        np.testing.assert_allclose(velocity(x, jnp.float32(timestep)), timestep + x)
+
+
 def _load_transformer(name):
     from vfusion3d_jax.models.wan import convert as wan_convert
 

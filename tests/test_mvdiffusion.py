@@ -197,6 +197,19 @@ def test_sampling_is_deterministic_and_guidance_one_is_the_conditional_flow(data
     from_input = mvdiffusion_task.sample_orbits(model, config, clean[:, 0], pose, caption, noise)
     np.testing.assert_allclose(from_input, expected, atol=1e-5)
 
+    # Guidance of 3 confined to an interval the schedule never enters is the conditional flow too;
+    # one it does enter changes the orbit. A reversed interval is a config error.
+    config.sample.init_strength, config.sample.image_guidance = 1.0, 3.0
+    config.sample.guidance_interval = (0.0, 1e-4)
+    outside = mvdiffusion_task.sample_orbits(model, config, clean[:, 0], pose, caption, noise)
+    np.testing.assert_allclose(outside, first, atol=1e-5)
+    config.sample.guidance_interval = (0.5, 1.0)
+    assert not np.allclose(mvdiffusion_task.sample_orbits(model, config, clean[:, 0], pose, caption, noise),
+                           first, atol=1e-3)
+    config.sample.guidance_interval = (0.8, 0.3)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        mvdiffusion_task.sample_orbits(model, config, clean[:, 0], pose, caption, noise)
+
 
 def test_sharded_step_equals_single_device_step(data_dir):
     config = small_config(data_dir)

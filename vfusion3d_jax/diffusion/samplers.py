@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vfusion3d_jax.diffusion.schedules import Schedule
+from vfusion3d_jax.diffusion.schedules import NUM_TRAIN_TIMESTEPS, Schedule
 
 Velocity = Callable[[jax.Array, jax.Array], jax.Array]  # (sample, timestep scalar) -> velocity
 
@@ -139,13 +139,17 @@ SAMPLERS = {"euler": euler_sample, "unipc": unipc_sample}
 
 
 def guided_velocity(model_velocity: Callable[..., jax.Array], conditions: Sequence[dict],
-                    scales: Sequence[float]) -> Velocity:
+                    scales: Sequence[float], interval: tuple[float, float] = (0.0, 1.0)) -> Velocity:
     """Classifier-free guidance over nested conditions, evaluated as one batch.
 
     `conditions` = [c₀, c₁, …, c_K] from the least to the most conditioned (e.g. nothing, image,
     image + text), each a dict of model keyword arguments with the batch leading; `scales` K
     guidance scales: v = v₀ + Σ_k g_k·(v_k − v_{k−1}). With one scale this is Wan's
     v_uncond + g·(v_cond − v_uncond); a scale of 1 everywhere gives v_K.
+
+    Guidance applies only at noise levels σ = timestep / NUM_TRAIN_TIMESTEPS inside `interval`
+    (low, high), both ends included; elsewhere every scale is 1, the fully conditioned v_K
+    (guidance in a limited interval, Kynkäänniemi et al. 2024). The default covers every step.
     """
     if len(scales) != len(conditions) - 1:
         raise ValueError(f"{len(conditions)} conditions need {len(conditions) - 1} guidance scales, got {len(scales)}")
@@ -154,9 +158,11 @@ def guided_velocity(model_velocity: Callable[..., jax.Array], conditions: Sequen
 
     def velocity(x: jax.Array, timestep: jax.Array) -> jax.Array:
         outputs = jnp.split(model_velocity(jnp.concatenate([x] * copies), timestep, **batched), copies)
+        sigma = timestep / NUM_TRAIN_TIMESTEPS
+        guiding = (sigma >= interval[0]) & (sigma <= interval[1])
         guided = outputs[0]
         for scale, lower, higher in zip(scales, outputs[:-1], outputs[1:]):
-            guided = guided + scale * (higher - lower)
+            guided = guided + jnp.where(guiding, scale, 1.0) * (higher - lower)
         return guided
 
     return velocity

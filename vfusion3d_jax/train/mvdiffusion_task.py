@@ -88,6 +88,15 @@ def loss_space(config: ml_collections.ConfigDict) -> str:
     return space
 
 
+def guidance_interval(config: ml_collections.ConfigDict) -> tuple[float, float]:
+    """`config.sample.guidance_interval`, checked (a run saved before it existed: every step)."""
+    interval = tuple(float(v) for v in config.sample.get("guidance_interval", (0.0, 1.0)))
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise errors.InvalidConfigValueError(
+            f"config.sample.guidance_interval is {interval}; give (low, high) noise levels, 0 ≤ low ≤ high ≤ 1")
+    return interval
+
+
 def loss_fn(config: ml_collections.ConfigDict):
     """`(model, batch, key, aux) → (loss, terms)` of one flow-matching step."""
     conditioning, shift, space = config.conditioning, config.flow.shift, loss_space(config)
@@ -153,7 +162,8 @@ def sample_orbits(model: MultiViewDiffusion, config: ml_collections.ConfigDict, 
         pose = jnp.concatenate([relative_pose] * copies)
         return model(noisy, sigmas, first, pose, text, keep)
 
-    velocity = diffusion.guided_velocity(model_velocity, conditions, [settings.image_guidance, settings.text_guidance])
+    velocity = diffusion.guided_velocity(model_velocity, conditions, [settings.image_guidance, settings.text_guidance],
+                                         guidance_interval(config))
     orbits = diffusion.SAMPLERS[settings.sampler](velocity, initial, schedule)
     return orbits.at[:, 0].set(jnp.where(kept, first_frame, orbits[:, 0]))  # the input view, exactly
 
