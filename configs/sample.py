@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
         num_steps=config_dict.placeholder(int),
         image_guidance=config_dict.placeholder(float),
         text_guidance=config_dict.placeholder(float),
+        # (low, high): guide only at noise levels σ inside it, elsewhere the conditioned prediction.
+        guidance_interval=config_dict.placeholder(tuple),
         # < 1: start from the input view copied to every frame, noised to this level (SDEdit).
         init_strength=config_dict.placeholder(float),
         seed=config_dict.placeholder(int),

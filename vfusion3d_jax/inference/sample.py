@@ -50,7 +50,7 @@ from vfusion3d_jax.models import convert
 from vfusion3d_jax.models.mvdiffusion import MultiViewDiffusion, frame_poses
 from vfusion3d_jax.models.wan.codec import make_codec
 from vfusion3d_jax.train import finetune
-from vfusion3d_jax.train.mvdiffusion_task import sample_orbits
+from vfusion3d_jax.train.mvdiffusion_task import guidance_interval, sample_orbits
 from vfusion3d_jax.train.trainer import finetuning_of
 
 SUMMARY_FILE = "summary.json"
@@ -114,6 +114,7 @@ def sampling_config(checkpoint_config: ml_collections.ConfigDict,
     if not 0.0 < settings.get("init_strength", 1.0) <= 1.0:
         raise errors.InvalidConfigValueError(
             f"config.sample.init_strength must be in (0, 1], got {settings.init_strength}")
+    guidance_interval(config)
     return config
 
 
