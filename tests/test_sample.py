@@ -138,7 +138,8 @@ def test_an_lrm_checkpoint_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("num_steps", 0), ("init_strength", 0.0), ("init_strength", 1.5),
-                                          ("sampler", "ddim")])
+                                          ("sampler", "ddim"), ("guidance_interval", (0.8, 0.3)),
+                                          ("guidance_interval", (0.0, 1.5))])
 def test_sampler_settings_out_of_range_are_config_errors(field, value):
     checkpoint_config = load_config("mvdiffusion.py:tiny")
     job = load_config("sample.py")
