@@ -148,21 +148,31 @@ def guided_velocity(model_velocity: Callable[..., jax.Array], conditions: Sequen
     v_uncond + g·(v_cond − v_uncond); a scale of 1 everywhere gives v_K.
 
     Guidance applies only at noise levels σ = timestep / NUM_TRAIN_TIMESTEPS inside `interval`
-    (low, high), both ends included; elsewhere every scale is 1, the fully conditioned v_K
-    (guidance in a limited interval, Kynkäänniemi et al. 2024). The default covers every step.
+    (low, high), both ends included; elsewhere the velocity is the fully conditioned v_K alone, one
+    prediction instead of K + 1 (guidance in a limited interval, Kynkäänniemi et al. 2024). The
+    default covers every step.
     """
     if len(scales) != len(conditions) - 1:
         raise ValueError(f"{len(conditions)} conditions need {len(conditions) - 1} guidance scales, got {len(scales)}")
     batched = jax.tree.map(lambda *parts: jnp.concatenate(parts), *conditions)
     copies = len(conditions)
 
-    def velocity(x: jax.Array, timestep: jax.Array) -> jax.Array:
+    def guided(x: jax.Array, timestep: jax.Array) -> jax.Array:
         outputs = jnp.split(model_velocity(jnp.concatenate([x] * copies), timestep, **batched), copies)
-        sigma = timestep / NUM_TRAIN_TIMESTEPS
-        guiding = (sigma >= interval[0]) & (sigma <= interval[1])
-        guided = outputs[0]
+        result = outputs[0]
         for scale, lower, higher in zip(scales, outputs[:-1], outputs[1:]):
-            guided = guided + jnp.where(guiding, scale, 1.0) * (higher - lower)
-        return guided
+            result = result + scale * (higher - lower)
+        return result
+
+    def conditioned(x: jax.Array, timestep: jax.Array) -> jax.Array:
+        return model_velocity(x, timestep, **conditions[-1])
+
+    if tuple(interval) == (0.0, 1.0):
+        return guided  # σ never leaves [0, 1]: every step guided, no branch in the program
+
+    def velocity(x: jax.Array, timestep: jax.Array) -> jax.Array:
+        sigma = jnp.asarray(timestep, jnp.float32) / NUM_TRAIN_TIMESTEPS
+        inside = (sigma >= interval[0]) & (sigma <= interval[1])
+        return jax.lax.cond(inside, guided, conditioned, x, timestep)
 
     return velocity
