@@ -73,15 +73,18 @@ _SIZES = {
     "large": ("large", None, 80, 4, 20, 128, (0.0625, 1.0, 0.001, 0.01, 0.06), 512, 512, 64),
 }
 # name: rasteriser tile size, Gaussian-tile pair capacity, Gaussians per tile capacity, chunk size.
-# Capacities are sized for the variant's Gaussian count at its render side: tiny and micro hold
-# every Gaussian in every tile (nothing can overflow); large's are estimates (~1M Gaussians of
-# 3σ radius ~8 px at 512 px cover 1-4 tiles each; the busiest tiles of an object hold several
-# thousand): `render_gaussians` reports an overflow, `splatting.check_capacity` names the fix.
+# Capacities are sized for the variant's Gaussian count at its render side: micro holds every
+# Gaussian in every tile (nothing can overflow); tiny a third of its 1,536 per tile (every slot is
+# composited when training vmaps over renders, so this is a third of the compositing; a trained
+# tiny's busiest tile holds at most ~420 Gaussians with the head's opacities, ~200 with the
+# decoder's); large's are estimates (~1M Gaussians of 3σ radius ~8 px at 512 px cover 1-4 tiles
+# each; the busiest tiles of an object hold several thousand): `render_gaussians` reports an
+# overflow, `splatting.check_capacity` names the fix.
 # Memory per rendered image grows with tiles × max_per_tile (the compositor gathers every tile's
 # slots: 1024 tiles × 16384 × 9 floats ≈ 0.6 GB at 512 px), so train large on crops or lower sides.
 _SPLAT = {
     "micro": (16, 1 << 12, 384, 32),
-    "tiny": (16, 1 << 14, 1536, 32),
+    "tiny": (16, 1 << 14, 512, 32),
     "large": (16, 1 << 23, 16384, 64),
 }
 
@@ -123,6 +126,11 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
         # head (the texel's own plane); see FlexRM.gaussians. On for micro and tiny
         # (benchmarks/RESULTS.md: 1-view PSNR +0.35 dB, swap gain +0.34 dB on the demo's data).
         color_from_decoder=variant in ("micro", "tiny"),
+        # Opacities from the NeRF decoder's density at each Gaussian's mean (FlexRM.gaussians,
+        # decoder_opacity) instead of the head's: the planes know better than the head where the
+        # object is. On for tiny (benchmarks/RESULTS.md: 1-view IoU +0.022, LPIPS -0.014); off for
+        # micro, whose tests train no NeRF stage first.
+        opacity_from_decoder=variant == "tiny",
     ))
     return config
 

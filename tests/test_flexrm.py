@@ -388,9 +388,10 @@ def test_ply_layout_is_the_3dgs_one(tmp_path):
     np.testing.assert_allclose(rows[:, 13:17], gaussians.quats, rtol=1e-6)
 
 
-def _decoder_colored(views):
+def _decoder_colored(views, opacity_from_decoder=False):
     config = CONFIGS.get_config("micro").model
     config.gaussians.color_from_decoder = True
+    config.gaussians.opacity_from_decoder = opacity_from_decoder
     return FlexRM(config, rngs=nnx.Rngs(5)), tuple(jnp.asarray(x) for x in views), jnp.ones((1, 4), bool)
 
 
@@ -403,6 +404,24 @@ def test_color_from_decoder_reads_the_nerf_colour_at_each_mean(views):
     expected = query_points(model.decoder, planes, gaussians.means)["rgb"]
     np.testing.assert_allclose(gaussians.colors, expected, atol=1e-6)
     np.testing.assert_allclose(gaussians.means, model.gaussian_head(planes).means, atol=1e-6)
+
+
+def test_opacity_from_decoder_is_the_optical_depth_of_the_nerf_density(views):
+    """With `gaussians.opacity_from_decoder`, a Gaussian's opacity is 1 − exp(−σ·√(2π)·s) of the
+    decoder's density σ at its mean and the geometric mean s of its scales; the rest is unchanged."""
+    model, (images, cams), mask = _decoder_colored(views, opacity_from_decoder=True)
+    gaussians = forward(model, images, cams, mask)
+    planes = model.forward_planes(images, cams, mask)
+    head = model.gaussian_head(planes)
+    density = np.asarray(query_points(model.decoder, planes, head.means)["sigma"][..., 0], np.float64)
+    width = np.prod(np.asarray(head.scales, np.float64), axis=-1) ** (1 / 3)
+    expected = 1 - np.exp(-density * np.sqrt(2 * np.pi) * width)
+    assert expected.max() > 0.05  # a check that could fail: some Gaussians are not transparent
+    np.testing.assert_allclose(gaussians.opacities, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gaussians.scales, head.scales, atol=1e-6)
+    # Denser means more opaque, and a Gaussian of no density is clear.
+    depth = flexrm.decoder_opacity(jnp.asarray([0.0, 1.0, 4.0]), jnp.full((3, 3), 0.1))
+    assert depth[0] == 0 and 0 < depth[1] < depth[2] < 1
 
 
 @pytest.mark.slow  # ~1 minute of compilation

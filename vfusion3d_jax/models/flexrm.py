@@ -37,6 +37,7 @@ by the image size) to its world-to-camera OpenCV view matrix and pixel intrinsic
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -249,6 +250,14 @@ class GaussianHead(nnx.Module):
                          colors=flat(colors, BATCH_GAUSSIANS))
 
 
+def decoder_opacity(density: jax.Array, scales: jax.Array) -> jax.Array:
+    """The opacity (...) of a Gaussian whose peak density is the NeRF density (...) at its mean:
+    1 − exp(−optical depth through its centre), the depth of a Gaussian profile of width s being
+    density·√(2π)·s (s the geometric mean of its scales (..., 3))."""
+    width = jnp.exp(jnp.mean(jnp.log(scales), axis=-1))
+    return 1.0 - jnp.exp(-density * math.sqrt(2.0 * math.pi) * width)
+
+
 # -- the model ----------------------------------------------------------------------------------
 
 
@@ -299,6 +308,7 @@ class FlexRM(nnx.Module):
                                        **kwargs)
         self.gaussian_head = GaussianHead(config.triplane_dim, config.gaussians, **kwargs)
         self.color_from_decoder = bool(config.gaussians.get("color_from_decoder", False))
+        self.opacity_from_decoder = bool(config.gaussians.get("opacity_from_decoder", False))
 
     def encode_views(self, images: jax.Array, cameras: jax.Array, view_mask: jax.Array) -> EncodedViews:
         """Views (see `forward_planes`) -> the cross-attention context, its key mask and the
@@ -343,15 +353,23 @@ class FlexRM(nnx.Module):
         return planes if encoded.plane_offsets is None else planes + encoded.plane_offsets
 
     def gaussians(self, planes: jax.Array) -> Gaussians:
-        """The Gaussians of planes (B, 3, C, R, R). With `gaussians.color_from_decoder`, each
-        Gaussian's colour is the NeRF decoder's colour at its mean, which reads all three planes
-        (the head's colour reads only the texel's own plane: two of three planes see an object
-        edge-on from the input view, and their Gaussians would carry no colour of it)."""
+        """The Gaussians of planes (B, 3, C, R, R): the head's, with what the NeRF decoder says at
+        each Gaussian's mean (it reads all three planes) in place of the head's own guess:
+        `gaussians.color_from_decoder`: the decoder's colour (the head's colour reads only the
+        texel's own plane, and two of three planes see an object edge-on from the input view);
+        `gaussians.opacity_from_decoder`: `decoder_opacity` of the decoder's density, so a Gaussian
+        is opaque inside the object the NeRF stage learned and clear outside it."""
         gaussians = self.gaussian_head(planes)
-        if not self.color_from_decoder:
+        if not (self.color_from_decoder or self.opacity_from_decoder):
             return gaussians
-        colors = query_points(self.decoder, planes, gaussians.means)["rgb"].astype(jnp.float32)
-        return dataclasses.replace(gaussians, colors=constrain(colors, BATCH_GAUSSIANS))
+        nerf = query_points(self.decoder, planes, gaussians.means)
+        replaced = {}
+        if self.color_from_decoder:
+            replaced["colors"] = constrain(nerf["rgb"].astype(jnp.float32), BATCH_GAUSSIANS)
+        if self.opacity_from_decoder:
+            opacities = decoder_opacity(nerf["sigma"][..., 0].astype(jnp.float32), gaussians.scales)
+            replaced["opacities"] = constrain(opacities, ("act_batch", None))
+        return dataclasses.replace(gaussians, **replaced)
 
     def __call__(self, images: jax.Array, cameras: jax.Array, view_mask: jax.Array) -> Gaussians:
         """The Gaussians (B, N = 3·R²·G) of the views; see `forward_planes`."""
