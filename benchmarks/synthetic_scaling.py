@@ -24,7 +24,7 @@ Writes under --workdir: one folder per step (`real/`, `diffusion/`, `pool/`, `sy
 counts, checkpoint and metrics), `results.md` (the table) and `scaling.png` (held-out metrics
 against the synthetic set's size, curated and not). Restarting reuses every finished step.
 
-    python benchmarks/synthetic_scaling.py --workdir=runs/scaling                 # ~60 min on 2 cores
+    python benchmarks/synthetic_scaling.py --workdir=runs/scaling                 # ~55 min on 2 cores
     python benchmarks/synthetic_scaling.py --workdir=/tmp/s --quick               # a smoke run, ~5 min
 """
 
@@ -56,10 +56,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--objects_per_source", type=int, default=16, help="real objects of each built-in source")
     parser.add_argument("--holdout_fraction", type=float, default=0.3)
-    parser.add_argument("--multiples", default="1,2,4", help="synthetic set sizes, in real-set sizes")
+    parser.add_argument("--multiples", default="1,4",
+                        help="synthetic set sizes, in real-set sizes (each adds two arms, ~6 min each)")
     parser.add_argument("--diffusion_steps", type=int, default=600)
-    parser.add_argument("--lrm_steps", type=int, default=250, help="steps on the mixture, every arm")
-    parser.add_argument("--finetune_steps", type=int, default=50, help="steps on real orbits only, every arm")
+    parser.add_argument("--lrm_steps", type=int, default=1000,
+                        help="steps on the mixture, every arm (the demo's budget)")
+    parser.add_argument("--finetune_steps", type=int, default=100, help="steps on real orbits only, every arm")
     parser.add_argument("--curate_keep", type=float, default=0.6, help="fraction of synthetic orbits curation keeps")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny sets, a few steps")
     return parser.parse_args()
