@@ -4,7 +4,7 @@ Variants (parameter counts from `vfusion3d_jax.models.flexrm.count_parameters`; 
 N = 3 planes · R² texels · G per texel, R = triplane_low_res · upsample_factor):
     micro    the tests' model: 56 px views, planes 8², G=2       (174,288 parameters; 384 Gaussians)
     tiny     trains on a laptop CPU: 112 px views, planes 16², G=2, 64 px renders
-                                                                  (817,248 parameters; 1,536 Gaussians)
+                                                                  (801,312 parameters; 1,536 Gaussians)
     large    the LRM large's encoder and transformer, planes 128² (deconvolution factor 4), G=20,
              512 px views and renders                             (453,187,500 parameters; 983,040 Gaussians)
 
@@ -28,7 +28,11 @@ names its renderer (`config.train.stages.<stage>.renderer`).
     python -m vfusion3d_jax train --config=configs/flexrm.py:tiny --workdir=runs/flexrm_tiny
     tensorboard --logdir=runs/flexrm_tiny/tensorboard
 
-(`tiny` on a 2-core CPU: ~13 min, 100 NeRF steps of ~1 s then 300 Gaussian steps of ~2 s.)
+(`tiny` on a 2-core CPU: ~11 min, 300 NeRF steps of ~0.5 s then 300 Gaussian steps of ~1.6 s.
+`tiny` trains with the recipe that made the LRM `tiny` use its input (issue 10 of
+benchmarks/RESULTS.md, as configs/demo.py does for the LRM): 7 px patches, a random hue per
+example, a loss on the object's pixels, learning rate 1e-3, and cheap NeRF steps (8 + 8 samples
+per ray, 2 supervised views); measured on the demo's data, `data_dir=<demo workdir>/data`.)
 
 Gaussians only (no NeRF stage), on another data folder:
 
@@ -69,7 +73,7 @@ def _common():
 # one linear map, for the same count); G = 20 Gaussians per texel then share one feature.
 _SIZES = {
     "micro": ("fixture", (1, 1), 8, 2, 2, 32, (0.5, 1.0, 0.01, 0.1, 0.5), 56, 32, 8),
-    "tiny": ("tiny", None, 32, 2, 2, 64, (0.25, 1.0, 0.005, 0.05, 0.25), 112, 64, 16),
+    "tiny": ("tiny", None, 32, 2, 2, 64, (0.25, 1.0, 0.005, 0.05, 0.25), 112, 64, 8),
     "large": ("large", None, 80, 4, 20, 128, (0.0625, 1.0, 0.001, 0.01, 0.06), 512, 512, 64),
 }
 # name: rasteriser tile size, Gaussian-tile pair capacity, Gaussians per tile capacity, chunk size.
@@ -100,6 +104,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     # averaged over the valid views (FlexRM.encode_views); zero-initialised. Off for large, which
     # keeps the published architecture until a pod run says otherwise.
     config.source_projection = config.source_planes = variant in ("micro", "tiny")
+    if variant == "tiny":
+        config.encoder.patch_size = 7  # objects cover ~7x7 tokens of a 112 px view, not ~3x3
     config.triplane_dim = channels
     # The transformer's r² tokens per plane become (factor·r)² texels through a stride = kernel
     # deconvolution (the LRM's is 2): the Gaussian head's grid.
@@ -169,7 +175,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 _TRAIN = {
     "micro": (2, (2, 1), 2, [("nerf", 0, "nerf", 32, None), ("gaussians", 20, "gaussians", 32, None)], 5,
               "alexnet", 10),
-    "tiny": (4, (4, 1), 4, [("nerf", 100, "nerf", 32, None), ("gaussians", 300, "gaussians", 64, None)], 20,
+    "tiny": (4, (4, 1), 2, [("nerf", 300, "nerf", 32, None), ("gaussians", 300, "gaussians", 64, None)], 20,
              "alexnet", 100),
     # Large: the orbits of `render-data` (configs/data.py:builtin) have 16 views, so 16 input views
     # at most per example; 256 px crops of the 512 px renders bound the rasteriser's memory.
@@ -194,13 +200,15 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     config.data.source_resolution = view_size
     config.data.num_target_views = num_targets  # the source view + others (supervision)
     config.data.target_resolution = render_size
+    # tiny's recipe (see the docstring): colour exists only in the input views.
+    config.data.random_hue = variant == "tiny"
 
     config.train = ml_collections.ConfigDict()
     config.train.seed = 0  # parameter init and the per-step randomness (fold_in(seed, step))
     # Start from another run's checkpoint instead of a random init.
     config.train.init_checkpoint = config_dict.placeholder(str)
     config.train.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=4e-4,
+        learning_rate=1e-3 if variant == "tiny" else 4e-4,
         warmup_steps=warmup,
         final_lr_fraction=0.0,
         b1=0.9,
@@ -230,7 +238,7 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     # orbits get image-level supervision only.
     config.train.loss = ml_collections.ConfigDict(dict(
         mse=dict(rendered=1.0, synthetic=0.0),
-        foreground_mse=dict(rendered=0.0, synthetic=0.0),
+        foreground_mse=dict(rendered=1.0 if variant == "tiny" else 0.0, synthetic=0.0),
         lpips=dict(rendered=1.0, synthetic=1.0),
         lpips_net=lpips_net,
         opacity=dict(rendered=1.0, synthetic=1.0),
