@@ -81,7 +81,7 @@ _SIZES = {
 # Gaussian in every tile (nothing can overflow); tiny a third of its 1,536 per tile (every slot is
 # composited when training vmaps over renders, so this is a third of the compositing; a trained
 # tiny's busiest tile holds at most ~420 Gaussians with the head's opacities, ~200 with the
-# decoder's); large's are estimates (~1M Gaussians of 3σ radius ~8 px at 512 px cover 1-4 tiles
+# decoder's; an untrained head's opacities overflow it); large's are estimates (~1M Gaussians of 3σ radius ~8 px at 512 px cover 1-4 tiles
 # each; the busiest tiles of an object hold several thousand): `render_gaussians` reports an
 # overflow, `splatting.check_capacity` names the fix.
 # Memory per rendered image grows with tiles × max_per_tile (the compositor gathers every tile's
@@ -134,8 +134,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
         color_from_decoder=variant in ("micro", "tiny"),
         # Opacities from the NeRF decoder's density at each Gaussian's mean (FlexRM.gaussians,
         # decoder_opacity) instead of the head's: the planes know better than the head where the
-        # object is. On for tiny (benchmarks/RESULTS.md: 1-view IoU +0.022, LPIPS -0.014); off for
-        # micro, whose tests train no NeRF stage first.
+        # object is. On for tiny (benchmarks/RESULTS.md, two paired seeds, 1 and 4 views: IoU +0.02
+        # to +0.07, LPIPS -0.01 to -0.05); off for micro, whose tests train no NeRF stage first.
         opacity_from_decoder=variant == "tiny",
     ))
     return config
