@@ -81,9 +81,9 @@ _SIZES = {
 # Gaussian in every tile (nothing can overflow); tiny a third of its 1,536 per tile (every slot is
 # composited when training vmaps over renders, so this is a third of the compositing; a trained
 # tiny's busiest tile holds at most ~420 Gaussians with the head's opacities, ~200 with the
-# decoder's; an untrained head's opacities overflow it); large's are estimates (~1M Gaussians of 3σ radius ~8 px at 512 px cover 1-4 tiles
-# each; the busiest tiles of an object hold several thousand): `render_gaussians` reports an
-# overflow, `splatting.check_capacity` names the fix.
+# decoder's; an untrained head's opacities overflow it); large's are estimates (~1M Gaussians of
+# 3σ radius ~8 px at 512 px cover 1-4 tiles each; the busiest tiles of an object hold several
+# thousand): `render_gaussians` reports an overflow, `splatting.check_capacity` names the fix.
 # Memory per rendered image grows with tiles × max_per_tile (the compositor gathers every tile's
 # slots: 1024 tiles × 16384 × 9 floats ≈ 0.6 GB at 512 px), so train large on crops or lower sides.
 _SPLAT = {
