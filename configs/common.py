@@ -140,3 +140,19 @@ def mesh_config() -> ml_collections.ConfigDict:
             ("channels", None),
         ),
     ))
+
+
+def sees_its_input(config: ml_collections.ConfigDict) -> None:
+    """The recipe that makes a tiny reconstruction model use its input, for the LRM (configs/demo.py)
+    and FlexRM (configs/flexrm.py:tiny); benchmarks/RESULTS.md, "Does the LRM use its input?".
+
+    7 px patches (objects ~45% of a 112 px view cover ~7x7 tokens instead of ~3x3); every
+    example's hue turned at random, so colour exists only in the input views; a loss on the
+    object's pixels alone; a higher learning rate; and 8 + 8 samples per ray: ray marching is most
+    of a step, and a tiny model is short of examples, not of rays per example.
+    """
+    config.model.encoder.patch_size = 7
+    config.data.random_hue = True
+    config.train.loss.foreground_mse.rendered = 1.0
+    config.train.optimizer.learning_rate = 1e-3
+    config.render.num_coarse = config.render.num_importance = 8

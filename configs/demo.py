@@ -11,30 +11,26 @@ Each section below is the full config of its command, overridable on the command
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
 
-from vfusion3d_jax.configs import load_config
+from vfusion3d_jax.configs import config_module, load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.data = load_config("data.py:demo")
     # ~7 minutes of training on 2 cores: 1000 steps of 32 px renders, then 100 of 64 px renders
-    # supervised by 32 px patches (fine-tuning on rendered data). The recipe that makes tiny use its
-    # input (benchmarks/RESULTS.md, "Does the LRM use its input?"): tiny's source projection (each
-    # triplane token starts from the image feature it projects to); every example's hue turned at
-    # random, so colour exists only in the source view; a loss on the object's pixels alone; 7 px
-    # patches (objects ~45% of the frame cover ~7x7 tokens instead of ~3x3); a higher learning rate.
-    # Ray marching is most of a step and the model is short of examples, not of rays per example:
-    # 8 + 8 samples per ray and 2 supervised views (the source and one other) at 32 px make a step
-    # ~2.7x cheaper, and 2.8x the steps in a third more time beat the full rays (rows R to V).
+    # supervised by 32 px patches (fine-tuning on rendered data), with the recipe that makes tiny
+    # use its input (configs/common.py's sees_its_input; benchmarks/RESULTS.md, "Does the LRM use
+    # its input?") and tiny's source projection (each triplane token starts from the image feature
+    # it projects to). The model is short of examples, not of rays per example: 2 supervised views
+    # (the source and one other) at 32 px make a step ~2.7x cheaper with the recipe's 8 + 8 samples
+    # per ray, and 2.8x the steps in a third more time beat the full rays (rows R to V).
     config.lrm = load_config("lrm.py:tiny")
-    config.lrm.model.encoder.patch_size = 7
-    config.lrm.data.random_hue = True
-    config.lrm.train.loss.foreground_mse.rendered = 1.0
-    config.lrm.train.optimizer.learning_rate = 1e-3
+    config_module(str(Path(__file__).with_name("common.py"))).sees_its_input(config.lrm)
     config.lrm.train.optimizer.warmup_steps = 20
-    config.lrm.render.num_coarse = config.lrm.render.num_importance = 8
     config.lrm.train.stages.low_res.num_target_views = 2
     for stage, steps in (("low_res", 1000), ("high_res", 0), ("finetune", 100)):
         config.lrm.train.stages[stage].num_steps = steps

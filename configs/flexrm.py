@@ -29,10 +29,10 @@ names its renderer (`config.train.stages.<stage>.renderer`).
     tensorboard --logdir=runs/flexrm_tiny/tensorboard
 
 (`tiny` on a 2-core CPU: ~11 min, 300 NeRF steps of ~0.5 s then 300 Gaussian steps of ~1.6 s.
-`tiny` trains with the recipe that made the LRM `tiny` use its input (issue 10 of
-benchmarks/RESULTS.md, as configs/demo.py does for the LRM): 7 px patches, a random hue per
-example, a loss on the object's pixels, learning rate 1e-3, and cheap NeRF steps (8 + 8 samples
-per ray, 2 supervised views); measured on the demo's data, `data_dir=<demo workdir>/data`.)
+`tiny` trains with the recipe that made the LRM `tiny` use its input, configs/common.py's
+`sees_its_input` as configs/demo.py's LRM: 7 px patches, a random hue per example, a loss on the
+object's pixels, learning rate 1e-3, 8 + 8 samples per ray; and 2 supervised views; measured on
+the demo's data, `data_dir=<demo workdir>/data`.)
 
 Gaussians only (no NeRF stage), on another data folder:
 
@@ -104,8 +104,6 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     # averaged over the valid views (FlexRM.encode_views); zero-initialised. Off for large, which
     # keeps the published architecture until a pod run says otherwise.
     config.source_projection = config.source_planes = variant in ("micro", "tiny")
-    if variant == "tiny":
-        config.encoder.patch_size = 7  # objects cover ~7x7 tokens of a 112 px view, not ~3x3
     config.triplane_dim = channels
     # The transformer's r² tokens per plane become (factor·r)² texels through a stride = kernel
     # deconvolution (the LRM's is 2): the Gaussian head's grid.
@@ -166,6 +164,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # Mesh and logical-axis rules, as the LRM's (models/layers.py names; FlexRM adds none).
     config.mesh = _common().mesh_config()
     training_config(config, variant)
+    if variant == "tiny":  # the LRM tiny's recipe (see the docstring)
+        _common().sees_its_input(config)
     return config
 
 
@@ -200,15 +200,13 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     config.data.source_resolution = view_size
     config.data.num_target_views = num_targets  # the source view + others (supervision)
     config.data.target_resolution = render_size
-    # tiny's recipe (see the docstring): colour exists only in the input views.
-    config.data.random_hue = variant == "tiny"
 
     config.train = ml_collections.ConfigDict()
     config.train.seed = 0  # parameter init and the per-step randomness (fold_in(seed, step))
     # Start from another run's checkpoint instead of a random init.
     config.train.init_checkpoint = config_dict.placeholder(str)
     config.train.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=1e-3 if variant == "tiny" else 4e-4,
+        learning_rate=4e-4,
         warmup_steps=warmup,
         final_lr_fraction=0.0,
         b1=0.9,
@@ -238,7 +236,7 @@ def training_config(config: ml_collections.ConfigDict, variant: str) -> None:
     # orbits get image-level supervision only.
     config.train.loss = ml_collections.ConfigDict(dict(
         mse=dict(rendered=1.0, synthetic=0.0),
-        foreground_mse=dict(rendered=1.0 if variant == "tiny" else 0.0, synthetic=0.0),
+        foreground_mse=dict(rendered=0.0, synthetic=0.0),
         lpips=dict(rendered=1.0, synthetic=1.0),
         lpips_net=lpips_net,
         opacity=dict(rendered=1.0, synthetic=1.0),
