@@ -291,6 +291,13 @@ class Rasterizer:
         far = distance + _BOX_HALF_DIAGONAL
         s = self.supersample
         light = self.lighting
+        # TinyRenderer's samples sit half a pixel off the pixel centres that cameras.pixel_rays and
+        # project_points use, in both axes; this shift of the principal point puts them back. Found
+        # by rendering mirrored objects from mirrored cameras (tests/test_render_assets.py): the
+        # views came out 1 px from each other's mirror image before, exact now.
+        intrinsics = np.array(intrinsics, np.float64)
+        intrinsics[0, 2] -= 0.5 / (width * s)
+        intrinsics[1, 2] += 0.5 / (height * s)
         _, _, rgb, depth_buffer, segmentation = pybullet.getCameraImage(
             width * s, height * s, view_matrix(cam2world), projection_matrix(intrinsics, near, far),
             renderer=pybullet.ER_TINY_RENDERER, shadow=0, lightDirection=list(light.direction),
