@@ -99,6 +99,10 @@ def input_config() -> ml_collections.ConfigDict:
     # frames turn alike; its caption's colour words then no longer hold, so leave this off when
     # conditioning on captions.
     config.random_hue = False
+    # Mirror half the examples left-right ('views' examples only): every view flipped and every
+    # camera mirrored with the world (cameras.mirror_cameras), so the source camera keeps its
+    # pose and each orbit is also seen as its mirror image, a second plausible object.
+    config.random_mirror = False
 
     # Metadata filters, applied per record before any image is decoded.
     # Keep records with meta/quality >= quality_min; None = no quality filter.

@@ -66,3 +66,20 @@ def test_orbit_views_are_evenly_spaced_and_look_at_origin():
     rotation = cam2world[:, :3, :3]
     np.testing.assert_allclose(rotation @ rotation.transpose(0, 2, 1), np.broadcast_to(np.eye(3), (16, 3, 3)), atol=1e-6)
     np.testing.assert_allclose(np.linalg.det(rotation), 1.0, atol=1e-6)
+
+
+def test_mirrored_cameras_see_the_mirrored_world_mirrored_left_right():
+    cam2world = cameras.orbit_cam2world(np.array([10.0, 130.0, 250.0]), np.array([5.0, 30.0, -20.0]), 2.0)
+    intrinsics = np.broadcast_to(cameras.intrinsics_matrix(0.8, 0.7, 0.45, 0.55), (3, 3, 3))
+    mirrored, mirrored_intrinsics = cameras.mirror_cameras(cam2world, intrinsics)
+    # Still rotations (right-handed), at the mirrored positions.
+    np.testing.assert_allclose(np.linalg.det(mirrored[:, :3, :3]), 1.0, atol=1e-6)
+    np.testing.assert_allclose(mirrored[:, :3, 3], cam2world[:, :3, 3] * [1.0, -1.0, 1.0])
+    points = np.random.default_rng(0).uniform(-0.5, 0.5, (3, 20, 3))
+    for view in range(3):
+        uv = cameras.project_points(points[view], cam2world[view], intrinsics[view])
+        uv_mirrored = cameras.project_points(points[view] * [1.0, -1.0, 1.0], mirrored[view], mirrored_intrinsics[view])
+        np.testing.assert_allclose(uv_mirrored, np.stack([1.0 - uv[:, 0], uv[:, 1]], -1), atol=1e-5)
+    # The canonical source camera sits on the mirror's plane: mirroring leaves it as it is.
+    canonical = cameras.CANONICAL_SOURCE_CAM2WORLD
+    np.testing.assert_allclose(cameras.mirror_cameras(canonical, intrinsics[0])[0], canonical)

@@ -261,6 +261,35 @@ def test_random_hue_turns_every_view_of_an_example_alike(rendered):
                                    atol=0.03)
 
 
+def test_random_mirror_flips_views_and_mirrors_cameras_with_the_world(rendered):
+    glob, _ = rendered
+    config = _config(glob, num_epochs=1, drop_remainder=False)
+    plain = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+    config.random_mirror = True
+    mirrored = list(pipeline.make_iterator(config, shard_index=0, shard_count=1))
+    flipped = []
+    for before, after in zip(plain, mirrored):
+        # The same views (the mirror is drawn last); each example mirrored whole, or not at all.
+        np.testing.assert_array_equal(after["target_view_indices"], before["target_view_indices"])
+        for n in range(len(before["source_image"])):
+            flip = not np.array_equal(after["source_image"][n], before["source_image"][n])
+            flipped.append(flip)
+            mirror = (lambda image: image[..., ::-1, :]) if flip else (lambda image: image)
+            np.testing.assert_array_equal(after["source_image"][n], mirror(before["source_image"][n]))
+            np.testing.assert_array_equal(after["target_images"][n], mirror(before["target_images"][n]))
+            np.testing.assert_array_equal(after["target_masks"][n], mirror(before["target_masks"][n]))
+            # The source camera is canonical either way; the others are the plain example's
+            # cameras mirrored across the canonical source's plane (y = 0).
+            np.testing.assert_allclose(after["source_camera"][n], before["source_camera"][n], atol=1e-6)
+            cam2world, intrinsics = cameras.split_render_camera(before["target_cameras"][n])
+            expected = cameras.render_camera(*cameras.mirror_cameras(cam2world, intrinsics)) if flip else \
+                before["target_cameras"][n]
+            np.testing.assert_allclose(after["target_cameras"][n], expected, atol=1e-5)
+    assert len(flipped) == 24 and 4 <= sum(flipped) <= 20
+    with pytest.raises(ValueError, match="random_mirror is for 'views' examples"):
+        pipeline.example_options(_config(glob, example="clip", random_mirror=True))
+
+
 def test_random_resize_crops_match_an_independent_decode(rendered):
     glob, orbits = rendered
     config = _config(glob, patch_size=8, target_resize_range=(10, 16), canonicalize_cameras=False, batch_size=8)

@@ -80,6 +80,19 @@ def fov_to_focal(fov_deg: float) -> float:
     return 0.5 / np.tan(np.deg2rad(fov_deg) / 2)
 
 
+def mirror_cameras(cam2world: np.ndarray, intrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cameras (..., 4, 4), (..., 3, 3) of the world mirrored across its y = 0 plane, under which
+    every image is the original one mirrored left-right: cam2world' = M·cam2world·F with
+    M = diag(1, -1, 1, 1) (the world's reflection) and F = diag(-1, 1, 1, 1) (the camera's x axis
+    turned back, so the pose stays a rotation), and the principal point's cx -> 1 - cx.
+    """
+    flip_world = np.diag([1.0, -1.0, 1.0, 1.0]).astype(np.float32)
+    flip_camera = np.diag([-1.0, 1.0, 1.0, 1.0]).astype(np.float32)
+    intrinsics = np.array(intrinsics, dtype=np.float32)
+    intrinsics[..., 0, 2] = 1.0 - intrinsics[..., 0, 2]
+    return (flip_world @ np.asarray(cam2world, np.float32) @ flip_camera).astype(np.float32), intrinsics
+
+
 def source_camera(cam2world: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
     """16-d source-camera encoding: (..., 4, 4), (..., 3, 3) -> (..., 16)."""
     cam2world, intrinsics = np.asarray(cam2world), np.asarray(intrinsics)

@@ -238,6 +238,7 @@ class ExampleOptions:
     target_resize_range: tuple[int, int] | None = None
     patch_size: int | None = None
     random_hue: bool = False
+    random_mirror: bool = False
     num_input_views: int = 1
     min_input_views: int = 1
 
@@ -335,9 +336,9 @@ def make_training_example(record: bytes, rng: np.random.Generator, options: Exam
                           metadata_filter: MetadataFilter = MetadataFilter()) -> dict | None:
     """One training example (float32 images and cameras) from an orbit record; None if filtered out.
 
-    The random draws happen in a fixed order (views, render size, crops, hue, input views), so
-    switching patches off leaves the view choice of each example unchanged, and adding input
-    views leaves the rest of the example unchanged.
+    The random draws happen in a fixed order (views, render size, crops, hue, input views,
+    mirror), so switching patches off leaves the view choice of each example unchanged, and
+    adding input views or the mirror leaves the rest of the example unchanged.
     """
     parsed = orbit_example.parse_example(record)
     metadata = orbit_example.read_metadata(parsed)
@@ -356,12 +357,16 @@ def make_training_example(record: bytes, rng: np.random.Generator, options: Exam
     offsets = rng.integers(0, full_size - patch_size + 1, size=(len(target_views), 2))
     hue_angle = rng.uniform(0.0, 2.0 * np.pi) if options.random_hue else None
     input_views = select_input_views(rng, metadata.num_views, source_view, options, metadata.object_id)
+    mirror = options.random_mirror and rng.random() < 0.5
 
     # Each chosen view decoded once.
     decoded_views = list(dict.fromkeys([source_view, *target_views.tolist(), *input_views]))
     orbit = orbit_example.decode_orbit(parsed, views=decoded_views)
     if hue_angle is not None:
         orbit["images"] = rotate_hue(orbit["images"], hue_angle)
+    if mirror:  # the whole world mirrored, before the cameras are moved to the source's frame
+        orbit["images"] = orbit["images"][:, :, ::-1]
+        orbit["cam2world"], orbit["intrinsics"] = cameras.mirror_cameras(orbit["cam2world"], orbit["intrinsics"])
     slot = {view: i for i, view in enumerate(decoded_views)}
     target_slots = [slot[view] for view in target_views.tolist()]
     cam2world, intrinsics = orbit["cam2world"], orbit["intrinsics"]
@@ -477,10 +482,14 @@ def example_options(config: ml_collections.ConfigDict) -> ExampleOptions | clips
             target_resize_range=None if config.target_resize_range is None else tuple(config.target_resize_range),
             patch_size=config.patch_size,
             random_hue=config.random_hue,
+            random_mirror=config.get("random_mirror", False),  # configs saved before it lack it
             num_input_views=config.get("num_input_views", 1),  # configs saved before FlexRM lack them
             min_input_views=config.get("min_input_views", 1),
         )
     if config.example == "clip":
+        if config.get("random_mirror", False):
+            raise ValueError("random_mirror is for 'views' examples: a mirrored clip would turn the "
+                             "other way round its orbit")
         return clips.ClipOptions(
             num_frames=config.num_frames,
             resolution=config.clip_resolution,
