@@ -100,8 +100,9 @@ def input_config() -> ml_collections.ConfigDict:
     # conditioning on captions.
     config.random_hue = False
     # Mirror half the examples left-right ('views' examples only): every view flipped and every
-    # camera mirrored with the world (cameras.mirror_cameras), so the source camera keeps its
-    # pose and each orbit is also seen as its mirror image, a second plausible object.
+    # camera mirrored with the world (cameras.mirror_cameras), so each orbit is also seen as its
+    # mirror image, a second plausible object (the canonical source camera stays where it is).
+    # No measurable gain for the demo's LRM (benchmarks/RESULTS.md, issue 10).
     config.random_mirror = False
 
     # Metadata filters, applied per record before any image is decoded.
