@@ -10,6 +10,7 @@ import trimesh
 
 from vfusion3d_jax import cameras
 from vfusion3d_jax.configs import load_config
+from vfusion3d_jax.curation.consistency import iou
 from vfusion3d_jax.data import assets
 from vfusion3d_jax.data.example import decode_orbit, read_metadata
 from vfusion3d_jax.data.inspect import inspect_dataset
@@ -67,11 +68,9 @@ def test_mirrored_cameras_see_the_mirrored_mesh_as_each_view_flipped_left_right(
         alpha = rasterizer.render(scene, cam2world, intrinsics, 48).rgba[..., 3] > 0
         mirrored_alpha = rasterizer.render(mirrored, *cameras.mirror_cameras(cam2world, intrinsics), 48).rgba[..., 3] > 0
     for view in range(len(cam2world)):
-        flipped = alpha[view, :, ::-1]
-        iou = (flipped & mirrored_alpha[view]).sum() / (flipped | mirrored_alpha[view]).sum()
-        assert iou > 0.99, (view, iou)
+        assert iou(alpha[view, :, ::-1], mirrored_alpha[view]) > 0.99, view
         # Against the unflipped view the silhouettes differ: the object is not mirror-symmetric here.
-        assert (alpha[view] & mirrored_alpha[view]).sum() / (alpha[view] | mirrored_alpha[view]).sum() < 0.9
+        assert iou(alpha[view], mirrored_alpha[view]) < 0.9, view
 
 
 def test_world_axes_land_on_the_expected_image_sides():
